@@ -1,0 +1,45 @@
+"""Default experiment: the seed network on the embedded 5,000-digit MNIST subset (no network needed).
+
+    python train.py --config=configs/default.py --workdir=runs/default
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.dataset = 'embedded_mnist'
+  config.data_dir = None  # Passed to tfds for the tfds datasets.
+  config.input_shape = (32, 32, 1)
+  config.augment = False
+
+  config.model = ml_collections.ConfigDict()
+  config.model.conv_features = (3, 6)
+  config.model.kernel_size = 5
+  config.model.strides = 1
+  config.model.padding = 'VALID'
+  config.model.pool = 'max'
+  config.model.pool_window = 2
+  config.model.activation = 'relu'
+  config.model.hidden_features = (100,)
+  config.model.num_classes = 10
+  config.model.flatten_order = 'hwc'
+  config.model.flatten_seed = 0
+
+  config.seed = 0
+  config.batch_size = 64
+  config.num_epochs = 20
+  config.optimizer = 'adam'
+  config.learning_rate = 3e-3
+  config.momentum = 0.9  # Used by 'momentum'.
+  config.weight_decay = 0.0
+  config.schedule = 'cosine'
+  config.warmup_epochs = 0.0
+  config.grad_clip_norm = 0.0  # 0 disables clipping.
+
+  config.log_every_steps = 100
+  config.eval_every_steps = 0  # 0: evaluate at the end of every epoch.
+  config.checkpoint_every_steps = 0  # 0: checkpoint at the end of every epoch.
+  config.max_checkpoints_to_keep = 3
+  return config

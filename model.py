@@ -1,0 +1,253 @@
+"""The tinycnn classifier: two conv/pool stages and two dense layers, as a Flax Linen module.
+
+Default network, for an input of 32x32xC:
+
+    input [32,32,C] -> conv1 5x5xCx3 -> [28,28,3] -> pool1 -> [14,14,3]
+                    -> conv2 5x5x3x6 -> [10,10,6] -> pool2 -> [5,5,6]
+                    -> flatten [150] -> fc1 [100] -> fc2 [10] (logits)
+
+Two facts the code makes explicit:
+1. A conv filter is a 3D volume spanning *all* input channels: `conv2d` multiplies each
+   kh x kw x C_in patch with each filter as one dot product, so the channels are summed
+   into one 2D map per filter.
+2. Flattening loses nothing: `flatten_permutation` gives the order in which the 5x5x6
+   volume is laid out as 150 numbers, and any fixed order computes the same function
+   once fc1's kernel rows are permuted to match (see tests/model_test.py).
+"""
+
+import collections
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+ACTIVATIONS = {
+    'relu': nn.relu,
+    'tanh': jnp.tanh,
+    'sigmoid': nn.sigmoid,
+    'gelu': nn.gelu,
+}
+POOLS = ('max', 'avg')
+PADDINGS = ('VALID', 'SAME')
+FLATTEN_ORDERS = ('hwc', 'chw', 'random')
+
+
+def conv_output_size(size: int, kernel_size: int, strides: int, padding: str) -> int:
+  """Spatial output size of a convolution along one axis."""
+  if padding == 'SAME':
+    return -(-size // strides)
+  return (size - kernel_size) // strides + 1
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str) -> jax.Array:
+  """2D cross-correlation, [B, H, W, C_in] x [kh, kw, C_in, C_out] -> [B, H', W', C_out].
+
+  Every output value is the dot product of one kh x kw x C_in input patch with one 3D
+  filter: all input channels are summed into a single map per filter. The patches are
+  gathered as kh*kw shifted slices and contracted with the kernel in one matmul.
+  """
+  kh, kw, c_in, c_out = kernel.shape
+  _, h, w, _ = x.shape
+  out_h = conv_output_size(h, kh, strides, padding)
+  out_w = conv_output_size(w, kw, strides, padding)
+  if padding == 'SAME':
+    pad_h = max((out_h - 1) * strides + kh - h, 0)
+    pad_w = max((out_w - 1) * strides + kw - w, 0)
+    x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+  span_h = (out_h - 1) * strides + 1
+  span_w = (out_w - 1) * strides + 1
+  patches = jnp.concatenate(
+      [x[:, i : i + span_h : strides, j : j + span_w : strides, :] for i in range(kh) for j in range(kw)],
+      axis=-1,
+  )  # [B, H', W', kh*kw*C_in], ordered like kernel.reshape(kh*kw*C_in, C_out).
+  return patches @ kernel.reshape(kh * kw * c_in, c_out)
+
+
+def pool2d(x: jax.Array, kind: str, window: int) -> jax.Array:
+  """Non-overlapping pooling, [B, H, W, C] -> [B, H/window, W/window, C].
+
+  Written as a reshape and a reduction, so the gradient of max pooling is a plain
+  comparison rather than XLA's select-and-scatter.
+  """
+  b, h, w, c = x.shape
+  blocks = x.reshape(b, h // window, window, w // window, window, c)
+  return blocks.max(axis=(2, 4)) if kind == 'max' else blocks.mean(axis=(2, 4))
+
+
+def flatten_permutation(order: str, shape: Sequence[int], seed: int = 0) -> np.ndarray:
+  """Indices `perm` such that flatten(x, order) == x.reshape(-1)[perm] for an [h, w, c] volume.
+
+  Feeding fc1 with this order is the same function as 'hwc' when fc1's kernel rows are
+  permuted the same way: `kernel_hwc[perm]`.
+  """
+  h, w, c = shape
+  hwc_index = np.arange(h * w * c).reshape(h, w, c)
+  if order == 'hwc':
+    return hwc_index.reshape(-1)
+  if order == 'chw':
+    return hwc_index.transpose(2, 0, 1).reshape(-1)
+  if order == 'random':
+    return np.random.default_rng(seed).permutation(h * w * c)
+  raise ValueError(f'model.flatten_order={order!r} is not one of {FLATTEN_ORDERS}.')
+
+
+def _check_choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f'model.{name}={value!r} is not valid; choose one of {tuple(choices)}.')
+
+
+def _check_positive(name: str, value) -> None:
+  if isinstance(value, (tuple, list)):
+    if not value or any(not isinstance(v, (int, np.integer)) or v < 1 for v in value):
+      raise ValueError(f'model.{name}={value!r} is not valid; it must be a non-empty tuple of integers >= 1.')
+  elif not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f'model.{name}={value!r} is not valid; it must be an integer >= 1.')
+
+
+class Conv(nn.Module):
+  """A conv layer with an HWIO kernel [kh, kw, C_in, features] and a bias [features]."""
+
+  features: int
+  kernel_size: int
+  strides: int
+  padding: str
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param(
+        'kernel', nn.initializers.lecun_normal(), (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+    )
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    return conv2d(x, kernel, self.strides, self.padding) + bias
+
+
+class CNN(nn.Module):
+  """[B, H, W, C] -> [B, num_classes] logits.
+
+  Parameters are named conv1, conv2, ..., fc1, fc2, ... with a `kernel` and `bias` each.
+  `layer_outputs` returns every layer's output by name, for probes and pictures:
+  `CNN().apply({'params': params}, x, method=CNN.layer_outputs)`.
+  """
+
+  conv_features: Sequence[int] = (3, 6)
+  kernel_size: int = 5
+  strides: int = 1
+  padding: str = 'VALID'
+  pool: str = 'max'
+  pool_window: int = 2
+  activation: str = 'relu'
+  hidden_features: Sequence[int] = (100,)
+  num_classes: int = 10
+  flatten_order: str = 'hwc'
+  flatten_seed: int = 0
+
+  def __post_init__(self):
+    _check_positive('conv_features', tuple(self.conv_features))
+    _check_positive('kernel_size', self.kernel_size)
+    _check_positive('strides', self.strides)
+    _check_positive('pool_window', self.pool_window)
+    _check_positive('num_classes', self.num_classes)
+    if self.hidden_features:  # Empty means no hidden dense layer: flatten -> fc1 (logits).
+      _check_positive('hidden_features', tuple(self.hidden_features))
+    _check_choice('padding', self.padding, PADDINGS)
+    _check_choice('pool', self.pool, POOLS)
+    _check_choice('activation', self.activation, ACTIVATIONS)
+    _check_choice('flatten_order', self.flatten_order, FLATTEN_ORDERS)
+    super().__post_init__()
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.layer_outputs(x)[f'fc{len(self.hidden_features) + 1}']
+
+  @nn.compact
+  def layer_outputs(self, x: jax.Array) -> dict[str, jax.Array]:
+    """[B, H, W, C] -> {'conv1': [B, 28, 28, 3], 'pool1': ..., 'flatten': [B, 150], ..., 'fc2': logits}."""
+    if x.ndim != 4:
+      raise ValueError(f'CNN expects images [B, H, W, C]; got an array of shape {x.shape}.')
+    activation = ACTIVATIONS[self.activation]
+    outputs = {}
+    for i, features in enumerate(self.conv_features, start=1):
+      _, h, w, _ = x.shape
+      if self.padding == 'VALID' and self.kernel_size > min(h, w):
+        raise ValueError(
+            f'model.kernel_size={self.kernel_size} is larger than the {h}x{w} input of conv{i}; '
+            f'with padding VALID it must be at most {min(h, w)}.'
+        )
+      x = outputs[f'conv{i}'] = activation(Conv(features, self.kernel_size, self.strides, self.padding, name=f'conv{i}')(x))
+      _, h, w, _ = x.shape
+      if h % self.pool_window or w % self.pool_window:
+        divisors = [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
+        raise ValueError(
+            f'model.pool_window={self.pool_window} does not divide the {h}x{w} output of conv{i}; '
+            f'valid windows here: {divisors}.'
+        )
+      x = outputs[f'pool{i}'] = pool2d(x, self.pool, self.pool_window)
+    perm = flatten_permutation(self.flatten_order, x.shape[1:], self.flatten_seed)
+    x = outputs['flatten'] = x.reshape(x.shape[0], -1)[:, perm]
+    for i, features in enumerate((*self.hidden_features, self.num_classes), start=1):
+      x = nn.Dense(features, name=f'fc{i}')(x)
+      if i <= len(self.hidden_features):
+        x = activation(x)
+      outputs[f'fc{i}'] = x
+    return outputs
+
+
+def create_model(config: ml_collections.ConfigDict) -> CNN:
+  """The CNN configured by `config.model`, checked against `config.input_shape`."""
+  model = CNN(**config.model.to_dict())
+  _output_shapes(model, config.input_shape)
+  return model
+
+
+def _output_shapes(model: CNN, input_shape: Sequence[int]):
+  """Abstract params and layer outputs (in forward order) for one example: shapes only, no FLOPs."""
+  if len(input_shape) != 3 or any(not isinstance(d, int) or d < 1 for d in input_shape):
+    raise ValueError(f'input_shape={tuple(input_shape)!r} is not valid; it must be (height, width, channels) of positive ints.')
+  names = []
+
+  def init(x):
+    outputs, variables = model.init_with_output(jax.random.key(0), x, method=CNN.layer_outputs)
+    names.extend(outputs)  # eval_shape returns dicts sorted by key; keep the forward order.
+    return variables['params'], outputs
+
+  params, outputs = jax.eval_shape(init, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+  return params, {name: outputs[name] for name in names}
+
+
+def init_params(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+  """The parameter pytree {'conv1': {'kernel', 'bias'}, ..., 'fc2': {...}} as a plain dict."""
+  model = create_model(config)
+  x = jnp.zeros((1, *config.input_shape), jnp.float32)
+  return model.init(rng, x)['params']
+
+
+def layer_shapes(config: ml_collections.ConfigDict) -> 'collections.OrderedDict[str, tuple[int, ...]]':
+  """Output shape of every layer for one example, from 'input' to the logits."""
+  _, outputs = _output_shapes(create_model(config), config.input_shape)
+  shapes = collections.OrderedDict(input=tuple(config.input_shape))
+  for name, value in outputs.items():
+    shapes[name] = tuple(value.shape[1:])
+  return shapes
+
+
+def summary(config: ml_collections.ConfigDict) -> str:
+  """A table of every layer: output shape, kernel shape, parameter count and forward FLOPs per example."""
+  params, outputs = _output_shapes(create_model(config), config.input_shape)
+  rows = [('input', tuple(config.input_shape), '', 0, 0)]
+  for name, value in outputs.items():
+    out_shape = tuple(value.shape[1:])
+    kernel = params[name]['kernel'].shape if name in params else ()
+    n_params = sum(int(np.prod(p.shape)) for p in params[name].values()) if name in params else 0
+    # A multiply-add is 2 FLOPs; each output value of a conv or dense layer costs one per kernel input.
+    flops = 2 * int(np.prod(out_shape)) * int(np.prod(kernel[:-1])) if kernel else 0
+    rows.append((name, out_shape, kernel, n_params, flops))
+  header = ('layer', 'output shape', 'kernel shape', 'params', 'FLOPs')
+  table = [header] + [(n, str(s), str(k) if k else '', f'{p:,}', f'{f:,}') for n, s, k, p, f in rows]
+  table.append(('total', '', '', f'{sum(r[3] for r in rows):,}', f'{sum(r[4] for r in rows):,}'))
+  widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+  lines = ['  '.join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in table]
+  lines.insert(1, '-' * len(lines[0]))
+  lines.insert(-1, '-' * len(lines[0]))
+  return '\n'.join(lines)
