@@ -25,10 +25,10 @@ import ml_collections
 import numpy as np
 
 ACTIVATIONS = {
-    'relu': nn.relu,
-    'tanh': jnp.tanh,
-    'sigmoid': nn.sigmoid,
-    'gelu': nn.gelu,
+  'relu': nn.relu,
+  'tanh': jnp.tanh,
+  'sigmoid': nn.sigmoid,
+  'gelu': nn.gelu,
 }
 POOLS = ('max', 'avg')
 PADDINGS = ('VALID', 'SAME')
@@ -60,8 +60,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str) -> jax.A
   span_h = (out_h - 1) * strides + 1
   span_w = (out_w - 1) * strides + 1
   patches = jnp.concatenate(
-      [x[:, i : i + span_h : strides, j : j + span_w : strides, :] for i in range(kh) for j in range(kw)],
-      axis=-1,
+    [x[:, i : i + span_h : strides, j : j + span_w : strides, :] for i in range(kh) for j in range(kw)],
+    axis=-1,
   )  # [B, H', W', kh*kw*C_in], ordered like kernel.reshape(kh*kw*C_in, C_out).
   return patches @ kernel.reshape(kh * kw * c_in, c_out)
 
@@ -118,7 +118,7 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param(
-        'kernel', nn.initializers.lecun_normal(), (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+      'kernel', nn.initializers.lecun_normal(), (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     )
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
     return conv2d(x, kernel, self.strides, self.padding) + bias
@@ -172,16 +172,18 @@ class CNN(nn.Module):
       _, h, w, _ = x.shape
       if self.padding == 'VALID' and self.kernel_size > min(h, w):
         raise ValueError(
-            f'model.kernel_size={self.kernel_size} is larger than the {h}x{w} input of conv{i}; '
-            f'with padding VALID it must be at most {min(h, w)}.'
+          f'model.kernel_size={self.kernel_size} is larger than the {h}x{w} input of conv{i}; '
+          f'with padding VALID it must be at most {min(h, w)}.'
         )
-      x = outputs[f'conv{i}'] = activation(Conv(features, self.kernel_size, self.strides, self.padding, name=f'conv{i}')(x))
+      x = outputs[f'conv{i}'] = activation(
+        Conv(features, self.kernel_size, self.strides, self.padding, name=f'conv{i}')(x)
+      )
       _, h, w, _ = x.shape
       if h % self.pool_window or w % self.pool_window:
         divisors = [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
         raise ValueError(
-            f'model.pool_window={self.pool_window} does not divide the {h}x{w} output of conv{i}; '
-            f'valid windows here: {divisors}.'
+          f'model.pool_window={self.pool_window} does not divide the {h}x{w} output of conv{i}; '
+          f'valid windows here: {divisors}.'
         )
       x = outputs[f'pool{i}'] = pool2d(x, self.pool, self.pool_window)
     perm = flatten_permutation(self.flatten_order, x.shape[1:], self.flatten_seed)
@@ -204,7 +206,9 @@ def create_model(config: ml_collections.ConfigDict) -> CNN:
 def _output_shapes(model: CNN, input_shape: Sequence[int]):
   """Abstract params and layer outputs (in forward order) for one example: shapes only, no FLOPs."""
   if len(input_shape) != 3 or any(not isinstance(d, int) or d < 1 for d in input_shape):
-    raise ValueError(f'input_shape={tuple(input_shape)!r} is not valid; it must be (height, width, channels) of positive ints.')
+    raise ValueError(
+      f'input_shape={tuple(input_shape)!r} is not valid; it must be (height, width, channels) of positive ints.'
+    )
   names = []
 
   def init(x):
@@ -247,7 +251,10 @@ def summary(config: ml_collections.ConfigDict) -> str:
   table = [header] + [(n, str(s), str(k) if k else '', f'{p:,}', f'{f:,}') for n, s, k, p, f in rows]
   table.append(('total', '', '', f'{sum(r[3] for r in rows):,}', f'{sum(r[4] for r in rows):,}'))
   widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-  lines = ['  '.join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in table]
+  lines = [
+    '  '.join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    for row in table
+  ]
   lines.insert(1, '-' * len(lines[0]))
   lines.insert(-1, '-' * len(lines[0]))
   return '\n'.join(lines)

@@ -1,6 +1,6 @@
 """Default experiment: the seed network on the embedded 5,000-digit MNIST subset (no network needed).
 
-    python train.py --config=configs/default.py --workdir=runs/default
+python train.py --config=configs/default.py --workdir=runs/default
 """
 
 import ml_collections
