@@ -252,7 +252,7 @@ def summary(config: ml_collections.ConfigDict) -> str:
   table.append(('total', '', '', f'{sum(r[3] for r in rows):,}', f'{sum(r[4] for r in rows):,}'))
   widths = [max(len(row[i]) for row in table) for i in range(len(header))]
   lines = [
-    '  '.join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    '  '.join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
     for row in table
   ]
   lines.insert(1, '-' * len(lines[0]))
