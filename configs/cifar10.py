@@ -1,0 +1,16 @@
+"""CIFAR-10 from tfds (needs the prepared dataset; see README): RGB, so conv1's filters are 5x5x3 volumes.
+
+python train.py --config=configs/cifar10.py --workdir=runs/cifar10
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.dataset = 'cifar10'
+  config.input_shape = (32, 32, 3)
+  config.augment = True
+  config.batch_size = 128
+  config.num_epochs = 30
+  return config

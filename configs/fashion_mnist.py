@@ -1,0 +1,14 @@
+"""Fashion-MNIST from tfds (needs the prepared dataset; see README), padded 28 -> 32.
+
+python train.py --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.dataset = 'fashion_mnist'
+  config.batch_size = 128
+  config.num_epochs = 15
+  return config

@@ -1,0 +1,14 @@
+"""Full MNIST from tfds (needs the prepared dataset; see README), digits padded 28 -> 32 like LeNet-5.
+
+python train.py --config=configs/mnist.py --workdir=runs/mnist
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.dataset = 'mnist'
+  config.batch_size = 128
+  config.num_epochs = 10
+  return config

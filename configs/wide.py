@@ -1,0 +1,10 @@
+"""Ablation: wider layers, 4x the filters (12, 24) and 4x the hidden units (400)."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.conv_features = (12, 24)
+  config.model.hidden_features = (400,)
+  return config

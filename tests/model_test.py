@@ -1,0 +1,225 @@
+"""The network's shapes, its two facts and its validation, checked against independent computations."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from configs import default
+from jax import lax
+
+import model
+
+DEFAULT_LAYER_SHAPES_C1 = [
+  ('input', (32, 32, 1)),
+  ('conv1', (28, 28, 3)),
+  ('pool1', (14, 14, 3)),
+  ('conv2', (10, 10, 6)),
+  ('pool2', (5, 5, 6)),
+  ('flatten', (150,)),
+  ('fc1', (100,)),
+  ('fc2', (10,)),
+]
+
+
+def make_config(channels=1, **model_overrides):
+  config = default.get_config()
+  config.input_shape = (32, 32, channels)
+  config.model.update(model_overrides)
+  return config
+
+
+def random_images(channels, batch=2, seed=0):
+  return jax.random.normal(jax.random.key(seed), (batch, 32, 32, channels))
+
+
+def shape_tree(tree):
+  return jax.tree.map(lambda a: tuple(a.shape), tree)
+
+
+class ShapesTest(parameterized.TestCase):
+  def test_layer_shapes_c1(self):
+    self.assertEqual(list(model.layer_shapes(make_config(1)).items()), DEFAULT_LAYER_SHAPES_C1)
+
+  def test_layer_shapes_c3_differ_only_at_the_input(self):
+    expected = [('input', (32, 32, 3))] + DEFAULT_LAYER_SHAPES_C1[1:]
+    self.assertEqual(list(model.layer_shapes(make_config(3)).items()), expected)
+
+  @parameterized.parameters((1, 16_644), (3, 16_794))
+  def test_param_shapes_and_count(self, channels, count):
+    params = model.init_params(make_config(channels), jax.random.key(0))
+    self.assertIsInstance(params, dict)
+    self.assertEqual(
+      shape_tree(params),
+      {
+        'conv1': {'kernel': (5, 5, channels, 3), 'bias': (3,)},
+        'conv2': {'kernel': (5, 5, 3, 6), 'bias': (6,)},
+        'fc1': {'kernel': (150, 100), 'bias': (100,)},
+        'fc2': {'kernel': (100, 10), 'bias': (10,)},
+      },
+    )
+    self.assertEqual(sum(leaf.size for leaf in jax.tree.leaves(params)), count)
+
+  def test_apply_maps_images_to_logits(self):
+    config = make_config(3)
+    params = model.init_params(config, jax.random.key(0))
+    logits = model.create_model(config).apply({'params': params}, random_images(3, batch=7))
+    self.assertEqual((logits.shape, logits.dtype), ((7, 10), jnp.float32))
+
+  def test_layer_outputs_match_layer_shapes(self):
+    config = make_config(1)
+    params = model.init_params(config, jax.random.key(0))
+    outputs = model.create_model(config).apply({'params': params}, random_images(1), method=model.CNN.layer_outputs)
+    self.assertEqual([(name, out.shape[1:]) for name, out in outputs.items()], DEFAULT_LAYER_SHAPES_C1[1:])
+
+  def test_summary_counts_params_and_flops(self):
+    table = model.summary(make_config(1))
+    conv1_row = next(line for line in table.splitlines() if line.startswith('conv1'))
+    # 28*28 positions x 3 filters, each a 5x5x1 dot product: 2 FLOPs per multiply-add.
+    self.assertEqual(conv1_row.split()[-2:], ['78', f'{28 * 28 * 3 * 5 * 5 * 1 * 2:,}'])
+    self.assertEqual(table.splitlines()[-1].split()[:2], ['total', '16,644'])
+
+
+def numpy_conv_by_loops(x, kernel, bias):
+  """The definition, one output value at a time: [B, H, W, C] x [kh, kw, C, F] -> [B, H-kh+1, W-kw+1, F]."""
+  batch, height, width, channels = x.shape
+  kh, kw, _, filters = kernel.shape
+  out = np.zeros((batch, height - kh + 1, width - kw + 1, filters))
+  for b, i, j, f in itertools.product(range(batch), range(height - kh + 1), range(width - kw + 1), range(filters)):
+    total = bias[f]
+    for c in range(channels):  # Every input channel feeds the same output map.
+      total += np.sum(x[b, i : i + kh, j : j + kw, c] * kernel[:, :, c, f])
+    out[b, i, j, f] = total
+  return out
+
+
+class ConvolutionTest(parameterized.TestCase):
+  """Fact 1: a filter is a 3D volume over all input channels, summed into one 2D map per filter."""
+
+  @parameterized.parameters(1, 3)
+  def test_conv_layers_equal_explicit_loops_over_all_channels(self, channels):
+    config = make_config(channels)
+    params = model.init_params(config, jax.random.key(1))
+    params = jax.tree.map(lambda p: p + 0.1, params)  # Nonzero biases, so they are checked too.
+    x = np.asarray(random_images(channels, batch=1))
+    outputs = model.create_model(config).apply({'params': params}, x, method=model.CNN.layer_outputs)
+    relu = lambda a: np.maximum(a, 0)  # noqa: E731
+    conv1 = relu(numpy_conv_by_loops(x, np.asarray(params['conv1']['kernel']), np.asarray(params['conv1']['bias'])))
+    np.testing.assert_allclose(outputs['conv1'], conv1, atol=1e-5)
+    pool1 = np.asarray(outputs['pool1'])
+    conv2 = relu(numpy_conv_by_loops(pool1, np.asarray(params['conv2']['kernel']), np.asarray(params['conv2']['bias'])))
+    np.testing.assert_allclose(outputs['conv2'], conv2, atol=1e-5)
+
+  def test_conv_of_rgb_is_the_sum_of_per_channel_convs(self):
+    x = random_images(3)
+    kernel = jax.random.normal(jax.random.key(2), (5, 5, 3, 4))
+    per_channel = sum(model.conv2d(x[..., c : c + 1], kernel[:, :, c : c + 1, :], 1, 'VALID') for c in range(3))
+    np.testing.assert_allclose(model.conv2d(x, kernel, 1, 'VALID'), per_channel, atol=1e-5)
+
+  def test_channels_are_not_separate_examples(self):
+    # Treating the 3 channels as 3 one-channel images gives 3x as many maps, not one map per filter.
+    x = random_images(3)
+    kernel = jax.random.normal(jax.random.key(2), (5, 5, 3, 4))
+    as_examples = jnp.moveaxis(x, -1, 0).reshape(-1, 32, 32, 1)
+    shared_2d = model.conv2d(as_examples, kernel[:, :, :1, :], 1, 'VALID')
+    self.assertEqual(model.conv2d(x, kernel, 1, 'VALID').shape, (2, 28, 28, 4))
+    self.assertEqual(shared_2d.shape, (6, 28, 28, 4))
+
+  @parameterized.product(strides=(1, 2, 3), padding=('VALID', 'SAME'), size=(32, 13), kernel_size=(5, 2))
+  def test_conv2d_equals_lax_conv(self, strides, padding, size, kernel_size):
+    x = jax.random.normal(jax.random.key(3), (2, size, size, 3))
+    kernel = jax.random.normal(jax.random.key(4), (kernel_size, kernel_size, 3, 5))
+    expected = lax.conv_general_dilated(
+      x, kernel, (strides, strides), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest'
+    )
+    np.testing.assert_allclose(model.conv2d(x, kernel, strides, padding), expected, atol=1e-4, rtol=1e-5)
+
+  @parameterized.product(kind=('max', 'avg'), window=(2, 4))
+  def test_pool2d_equals_reduce_window(self, kind, window):
+    x = random_images(3)
+    init, op = (-jnp.inf, lax.max) if kind == 'max' else (0.0, lax.add)
+    expected = lax.reduce_window(x, init, op, (1, window, window, 1), (1, window, window, 1), 'VALID')
+    expected = expected if kind == 'max' else expected / window**2
+    np.testing.assert_allclose(model.pool2d(x, kind, window), expected, atol=1e-6)
+
+
+class FlattenOrderTest(parameterized.TestCase):
+  """Fact 2: flattening 5x5x6 in any fixed order, with fc1's rows permuted to match, is the same function."""
+
+  def logits(self, config, params, x):
+    return model.create_model(config).apply({'params': params}, x)
+
+  @parameterized.parameters(('chw', 0), ('random', 0), ('random', 7))
+  def test_permuting_fc1_rows_gives_identical_logits(self, order, seed):
+    x = random_images(1, batch=4)
+    params = model.init_params(make_config(), jax.random.key(5))
+    perm = model.flatten_permutation(order, (5, 5, 6), seed)
+    permuted = jax.tree.map(lambda p: p, params)
+    permuted['fc1'] = {'kernel': params['fc1']['kernel'][perm], 'bias': params['fc1']['bias']}
+    reordered = self.logits(make_config(flatten_order=order, flatten_seed=seed), permuted, x)
+    np.testing.assert_allclose(reordered, self.logits(make_config(), params, x), atol=1e-6)
+
+  def test_mismatched_permutation_gives_different_logits(self):
+    x = random_images(1, batch=4)
+    params = model.init_params(make_config(), jax.random.key(5))
+    wrong = jax.tree.map(lambda p: p, params)
+    wrong['fc1'] = {
+      'kernel': params['fc1']['kernel'][model.flatten_permutation('random', (5, 5, 6), 1)],
+      'bias': params['fc1']['bias'],
+    }
+    reordered = self.logits(make_config(flatten_order='chw'), wrong, x)
+    self.assertGreater(float(jnp.max(jnp.abs(reordered - self.logits(make_config(), params, x)))), 1e-3)
+
+  @parameterized.parameters('hwc', 'chw', 'random')
+  def test_flatten_permutation_is_a_permutation_matching_the_layer(self, order):
+    perm = model.flatten_permutation(order, (5, 5, 6), 3)
+    np.testing.assert_array_equal(np.sort(perm), np.arange(150))
+    config = make_config(flatten_order=order, flatten_seed=3)
+    params = model.init_params(config, jax.random.key(0))
+    out = model.create_model(config).apply({'params': params}, random_images(1), method=model.CNN.layer_outputs)
+    np.testing.assert_array_equal(out['flatten'], np.asarray(out['pool2']).reshape(2, -1)[:, perm])
+
+  def test_chw_is_pytorch_order(self):
+    volume = np.arange(150).reshape(5, 5, 6)  # [h, w, c]
+    perm = model.flatten_permutation('chw', (5, 5, 6))
+    np.testing.assert_array_equal(volume.reshape(-1)[perm], volume.transpose(2, 0, 1).reshape(-1))
+
+
+class ValidationTest(parameterized.TestCase):
+  @parameterized.parameters(
+    ({'strides': 0}, r'model\.strides=0 .* integer >= 1'),
+    ({'kernel_size': 0}, r'model\.kernel_size=0 .* integer >= 1'),
+    ({'kernel_size': 33}, r'model\.kernel_size=33 is larger than the 32x32 input of conv1.* at most 32'),
+    ({'kernel_size': 13}, r'model\.kernel_size=13 is larger than the 10x10 input of conv2.* at most 10'),
+    (
+      {'pool_window': 3},
+      r'model\.pool_window=3 does not divide the 28x28 output of conv1; valid windows here: \[1, 2, 4, 7, 14, 28\]',
+    ),
+    ({'pool_window': 0}, r'model\.pool_window=0 .* integer >= 1'),
+    ({'activation': 'swish'}, r"model\.activation='swish' .* \('relu', 'tanh', 'sigmoid', 'gelu'\)"),
+    ({'pool': 'min'}, r"model\.pool='min' .* \('max', 'avg'\)"),
+    ({'padding': 'same'}, r"model\.padding='same' .* \('VALID', 'SAME'\)"),
+    ({'flatten_order': 'wch'}, r"model\.flatten_order='wch' .* \('hwc', 'chw', 'random'\)"),
+    ({'conv_features': (3, 0)}, r'model\.conv_features=\(3, 0\) .* tuple of integers >= 1'),
+    ({'conv_features': ()}, r'model\.conv_features=\(\) .* non-empty tuple'),
+    ({'hidden_features': (-1,)}, r'model\.hidden_features=\(-1,\) .* integers >= 1'),
+    ({'num_classes': 0}, r'model\.num_classes=0 .* integer >= 1'),
+  )
+  def test_invalid_setting_names_itself_and_the_valid_range(self, overrides, message):
+    with pytest.raises(ValueError, match=message):
+      model.create_model(make_config(**overrides))
+
+  @parameterized.parameters((32, 32), (32, 32, 0), (32, 32, 1.5))
+  def test_invalid_input_shape(self, *shape):
+    config = make_config()
+    config.input_shape = shape
+    with pytest.raises(ValueError, match=r'input_shape=.* \(height, width, channels\)'):
+      model.layer_shapes(config)
+
+  def test_valid_non_default_geometry(self):
+    config = make_config(strides=2, padding='SAME', pool='avg', conv_features=(4,), hidden_features=())
+    # 32 -> conv stride 2 SAME -> 16 -> pool -> 8; 8*8*4 = 256 -> fc1 (logits).
+    self.assertEqual(model.layer_shapes(config)['flatten'], (256,))
+    self.assertEqual(model.layer_shapes(config)['fc1'], (10,))
