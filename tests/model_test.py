@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from configs import default
 from jax import lax
 
 import model
+from configs import default
 
 DEFAULT_LAYER_SHAPES_C1 = [
   ('input', (32, 32, 1)),
