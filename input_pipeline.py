@@ -1,0 +1,219 @@
+"""Input pipeline: each split is loaded into memory once, and batch order is a pure function of (seed, epoch).
+
+`load_split` returns a whole split as normalised float32 arrays. `train_batches` gathers the batches of an epoch from
+it on device, in the order `shuffled_batch_indices(epoch_key(seed, epoch), N, B)`, so a resumed run continues
+mid-epoch exactly and a whole epoch can run inside one jitted loop; `eval_batches` covers a split exactly once.
+
+Datasets: 'embedded_mnist' (the default: 5,000 real MNIST digits shipped in data/, see data/README.md) and the tfds
+datasets 'mnist', 'fashion_mnist' and 'cifar10', read through tfds' random-access data source. tfds is imported only
+when one of those is asked for. 28x28 digits are zero-padded to 32x32, the input LeNet-5 saw, before normalising.
+"""
+
+import functools
+import math
+import pathlib
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+DATASETS = ('embedded_mnist', 'mnist', 'fashion_mnist', 'cifar10')
+SPLITS = ('train', 'validation', 'test')
+EMBEDDED_PATH = pathlib.Path(__file__).resolve().parent / 'data' / 'embedded_mnist.npz'
+IMAGE_SIZE = 32
+CROP_PADDING = 4
+
+# Per-channel (mean, std) of each training split on the [0, 1] scale, over the images as stored (28x28 for the
+# MNIST-style sets). mnist, fashion_mnist and cifar10: the well-known values for their full training sets (as in the
+# PyTorch examples; cifar10's std is the per-pixel one, not the often-copied 0.2023/0.1994/0.2010). embedded_mnist:
+# its 4,000 train digits, as printed by scripts/make_embedded_mnist.py. `load_split` converts the 28x28 values to
+# the zero-padded 32x32 images with `padded_stats`, so the normalised training inputs have mean 0 and std 1, as in
+# LeNet-5.
+TRAIN_STATS = {
+  'embedded_mnist': ((0.1311,), (0.3083,)),
+  'mnist': ((0.1307,), (0.3081,)),
+  'fashion_mnist': ((0.2860,), (0.3530,)),
+  'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+
+def padded_stats(mean: np.ndarray, std: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """Mean and std [C] after zero-padding images whose original pixels are `fraction` of the padded ones."""
+  mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+  padded_mean = fraction * mean
+  return padded_mean, np.sqrt(fraction * (std**2 + mean**2) - padded_mean**2)
+
+
+def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
+  """{'image': float32 [N, 32, 32, C] normalised, 'label': int32 [N]} for split 'train', 'validation' or 'test'.
+
+  With config.validation_size > 0 (default 0), 'validation' is the last validation_size examples of the train
+  split and 'train' is the rest. Raises a ValueError for an invalid setting and a FileNotFoundError, without touching
+  the network, when a tfds dataset is not prepared in config.data_dir.
+  """
+  if split not in SPLITS:
+    raise ValueError(f'split={split!r} is not one of {SPLITS}.')
+  if config.dataset not in DATASETS:
+    raise ValueError(f'config.dataset={config.dataset!r} is not one of {DATASETS}.')
+  validation_size = config.get('validation_size', 0)
+  if split == 'validation' and validation_size < 1:
+    raise ValueError(f"split='validation' needs config.validation_size >= 1; it is {validation_size}.")
+
+  source_split = 'test' if split == 'test' else 'train'
+  if config.dataset == 'embedded_mnist':
+    with np.load(EMBEDDED_PATH) as npz:
+      images, labels = npz[f'x_{source_split}'][..., None], npz[f'y_{source_split}']
+  else:
+    images, labels = _read_tfds(config.dataset, source_split, config.get('data_dir'))
+
+  if split != 'test':
+    if not 0 <= validation_size < len(labels):
+      raise ValueError(
+        f'config.validation_size={validation_size} is not valid; it must be from 0 to {len(labels) - 1}, '
+        f'less than the {len(labels)} examples of the {config.dataset} train split.'
+      )
+    cut = len(labels) - validation_size
+    images, labels = (images[cut:], labels[cut:]) if split == 'validation' else (images[:cut], labels[:cut])
+
+  _, h, w, _ = images.shape
+  pad_h, pad_w = (IMAGE_SIZE - h) // 2, (IMAGE_SIZE - w) // 2
+  images = np.pad(images, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)))
+  if images.shape[1:] != tuple(config.input_shape):
+    raise ValueError(
+      f'config.input_shape={tuple(config.input_shape)} does not match the {config.dataset} images, '
+      f'{images.shape[1:]} after padding; set config.input_shape = {images.shape[1:]}.'
+    )
+  mean, std = padded_stats(*TRAIN_STATS[config.dataset], fraction=h * w / IMAGE_SIZE**2)
+  normalised = images.astype(np.float32)  # In place from here: cifar10's train split is 600 MB as float32.
+  normalised *= (1 / (255 * std)).astype(np.float32)
+  normalised -= (mean / std).astype(np.float32)
+  return {'image': normalised, 'label': labels.astype(np.int32)}
+
+
+def _read_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 images [N, H, W, C] and labels [N] of a prepared tfds split, read whole."""
+  import tensorflow_datasets as tfds  # Here, not at the top: the embedded default must not import tfds or TensorFlow.
+
+  try:
+    # download=False: otherwise tfds would go to the network (and, with none, retry for minutes) and prepare the
+    # data as tfrecord, which has no random access.
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except (NotImplementedError, FileNotFoundError):
+    where = data_dir or 'the tfds default, $TFDS_DATA_DIR or ~/tensorflow_datasets'
+    raise FileNotFoundError(
+      f'{name} is not prepared in a random-access format (array_record) in data_dir={where}. With a network and '
+      f'TensorFlow, prepare it once: `tfds build {name} --data_dir=DIR --file_format=array_record` (or in Python '
+      f"tfds.builder('{name}', data_dir=DIR, file_format='array_record').download_and_prepare()), then set "
+      f'config.data_dir=DIR. Data prepared by tfds.load is tfrecord, which cannot be used. Or use the default '
+      f"config.dataset='embedded_mnist', which needs no download."
+    ) from None
+  examples = [source[i] for i in range(len(source))]
+  return np.stack([ex['image'] for ex in examples]), np.array([ex['label'] for ex in examples], np.int32)
+
+
+def epoch_key(seed: int, epoch) -> jax.Array:
+  """The key that orders (and augments) epoch `epoch`; `epoch` may be traced."""
+  return jax.random.fold_in(jax.random.key(seed), epoch)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def shuffled_batch_indices(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
+  """int32 [num_examples // batch_size, batch_size]: a random permutation of the split, remainder dropped."""
+  num_batches = num_examples // batch_size
+  permutation = jax.random.permutation(key, num_examples)
+  return permutation[: num_batches * batch_size].reshape(num_batches, batch_size).astype(jnp.int32)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Full batches in one epoch; the remainder is dropped."""
+  return num_examples // batch_size
+
+
+def check_batch_size(batch_size: int, num_examples: int) -> None:
+  """Raises a ValueError unless 1 <= batch_size <= num_examples."""
+  if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= num_examples:
+    raise ValueError(
+      f'config.batch_size={batch_size!r} is not valid; it must be an integer from 1 to {num_examples}, '
+      'the number of examples in the split.'
+    )
+
+
+def crop_and_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, H, W, C]: each image zero-padded by CROP_PADDING and cropped back to H x W.
+
+  offsets: int [B, 2], the (row, column) of each crop in 0..2*CROP_PADDING; flips: bool [B], mirror left-right.
+  Offsets (CROP_PADDING, CROP_PADDING) without a flip return the image unchanged.
+  """
+  _, h, w, c = images.shape
+  p = CROP_PADDING
+  padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+
+  def one(image, offset, flip):
+    crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+    return jnp.where(flip, crop[:, ::-1], crop)
+
+  return jax.vmap(one)(padded, offsets, flips)
+
+
+def augment(images: jax.Array, key: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, H, W, C]: a random crop with CROP_PADDING padding and a random horizontal flip per image.
+
+  Pure and jittable. The padding is 0, which on normalised images is the training set's mean colour.
+  """
+  crop_key, flip_key = jax.random.split(key)
+  offsets = jax.random.randint(crop_key, (images.shape[0], 2), 0, 2 * CROP_PADDING + 1)
+  flips = jax.random.bernoulli(flip_key, shape=(images.shape[0],))
+  return crop_and_flip(images, offsets, flips)
+
+
+@functools.partial(jax.jit, static_argnames='augment_images')
+def _train_batch(images, labels, indices, key, step, augment_images: bool) -> dict[str, jax.Array]:
+  batch = {'image': images[indices[step]], 'label': labels[indices[step]]}
+  if augment_images:
+    batch['image'] = augment(batch['image'], jax.random.fold_in(key, step))
+  return batch
+
+
+def train_batches(
+  data: dict, config: ml_collections.ConfigDict, epoch: int, start_step: int = 0
+) -> Iterator[dict[str, jax.Array]]:
+  """The batches of epoch `epoch` from `start_step` on: {'image': float32 [B, 32, 32, C], 'label': int32 [B]}.
+
+  `data` is a `load_split` result; pass it as device arrays (jax.device_put) so it is not copied to the device each
+  epoch. Batch `step` is the examples shuffled_batch_indices(epoch_key(config.seed, epoch), N, B)[step], augmented
+  with fold_in(that key, step) when config.augment.
+  """
+  images, labels = jnp.asarray(data['image']), jnp.asarray(data['label'])
+  check_batch_size(config.batch_size, len(labels))
+  key = epoch_key(config.seed, epoch)
+  indices = shuffled_batch_indices(key, len(labels), config.batch_size)
+  if not 0 <= start_step <= len(indices):
+    raise ValueError(f'start_step={start_step} is not valid; an epoch has steps 0 to {len(indices) - 1}.')
+  for step in range(start_step, len(indices)):
+    yield _train_batch(images, labels, indices, key, step, config.get('augment', False))
+
+
+@functools.partial(jax.jit, static_argnames='batch_size')
+def _eval_batch(images, labels, start, batch_size: int) -> dict[str, jax.Array]:
+  position = start + jnp.arange(batch_size)
+  mask = position < len(labels)
+  index = jnp.minimum(position, len(labels) - 1)
+  return {
+    'image': jnp.where(mask[:, None, None, None], images[index], 0),
+    'label': jnp.where(mask, labels[index], 0),
+    'mask': mask,
+  }
+
+
+def eval_batches(data: dict, batch_size: int) -> Iterator[dict[str, jax.Array]]:
+  """Every example exactly once, in order: {'image': [B, 32, 32, C], 'label': int32 [B], 'mask': bool [B]}.
+
+  The last batch is zero-padded to batch_size and its mask is False on the padding, so masked metrics are exact.
+  """
+  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f'batch_size={batch_size!r} is not valid for evaluation; it must be an integer >= 1.')
+  images, labels = jnp.asarray(data['image']), jnp.asarray(data['label'])
+  for i in range(math.ceil(len(labels) / batch_size)):
+    yield _eval_batch(images, labels, i * batch_size, batch_size)

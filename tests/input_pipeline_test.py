@@ -1,0 +1,221 @@
+"""Tests for input_pipeline: the embedded set, the tfds path under mock data, batch order, augmentation and errors."""
+
+import hashlib
+import pathlib
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import input_pipeline
+from configs import default
+
+TFDS_SHAPES = {'mnist': (32, 32, 1), 'fashion_mnist': (32, 32, 1), 'cifar10': (32, 32, 3)}
+
+
+def _border() -> np.ndarray:
+  """bool [32, 32]: the 2-pixel frame added around 28x28 digits."""
+  border = np.ones((32, 32), bool)
+  border[2:30, 2:30] = False
+  return border
+
+
+def _config(**overrides):
+  config = default.get_config()
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def train_split():
+  return input_pipeline.load_split(_config(), 'train')
+
+
+@pytest.fixture(scope='module')
+def test_split():
+  return input_pipeline.load_split(_config(), 'test')
+
+
+def test_embedded_set_is_normalised_and_balanced(train_split, test_split):
+  for data, per_class in ((train_split, 400), (test_split, 100)):
+    assert data['image'].shape == (10 * per_class, 32, 32, 1) and data['image'].dtype == np.float32
+    assert data['label'].dtype == np.int32
+    np.testing.assert_array_equal(np.bincount(data['label']), [per_class] * 10)
+  # 32x32 inputs with mean 0 and std 1 over the train split, as LeNet-5 had.
+  assert abs(train_split['image'].mean()) < 1e-3 and abs(train_split['image'].std() - 1) < 1e-3
+  mean, std = input_pipeline.padded_stats(*input_pipeline.TRAIN_STATS['embedded_mnist'], fraction=784 / 1024)
+  background, white = -mean[0] / std[0], (1 - mean[0]) / std[0]
+  np.testing.assert_array_equal(test_split['image'][:, _border()], np.float32(background))
+  assert test_split['image'].min() == pytest.approx(background) and test_split['image'].max() == pytest.approx(white)
+
+
+def test_embedded_stats_are_those_of_the_shipped_train_split():
+  with np.load(input_pipeline.EMBEDDED_PATH) as npz:
+    x28 = npz['x_train'].astype(np.float64) / 255
+  (mean,), (std,) = input_pipeline.TRAIN_STATS['embedded_mnist']
+  assert x28.mean() == pytest.approx(mean, abs=5e-5) and x28.std() == pytest.approx(std, abs=5e-5)
+  x32 = np.pad(x28, ((0, 0), (2, 2), (2, 2)))
+  padded_mean, padded_std = input_pipeline.padded_stats(x28.mean(), x28.std(), fraction=784 / 1024)
+  assert padded_mean == pytest.approx(x32.mean()) and padded_std == pytest.approx(x32.std())
+
+
+def test_embedded_train_and_test_share_no_image():
+  with np.load(input_pipeline.EMBEDDED_PATH) as npz:
+    train_hashes = {hashlib.sha256(x.tobytes()).digest() for x in npz['x_train']}
+    test_hashes = {hashlib.sha256(x.tobytes()).digest() for x in npz['x_test']}
+    assert npz['split_seed'] == 0
+  assert len(train_hashes) == 4000 and len(test_hashes) == 1000 and not train_hashes & test_hashes
+
+
+def test_validation_is_the_held_out_tail_of_train(train_split):
+  config = _config(validation_size=500)
+  held_in, validation = input_pipeline.load_split(config, 'train'), input_pipeline.load_split(config, 'validation')
+  np.testing.assert_array_equal(held_in['image'], train_split['image'][:3500])
+  np.testing.assert_array_equal(validation['label'], train_split['label'][3500:])
+  assert np.bincount(validation['label']).min() >= 30  # The train split is shuffled, not grouped by class.
+
+
+def test_embedded_default_imports_neither_tensorflow_nor_tfds():
+  # In a fresh interpreter, since other tests in this process import tfds. The mock tfds path must not need
+  # TensorFlow either.
+  code = textwrap.dedent("""
+    import sys, tempfile
+    import input_pipeline
+    from configs import default
+    input_pipeline.load_split(default.get_config(), 'train')
+    assert 'tensorflow' not in sys.modules and 'tensorflow_datasets' not in sys.modules, 'imported at the default'
+    import tensorflow_datasets as tfds
+    config = default.get_config()
+    config.dataset, config.data_dir = 'mnist', tempfile.mkdtemp()
+    with tfds.testing.mock_data(num_examples=2):
+      input_pipeline.load_split(config, 'train')
+    assert 'tensorflow' not in sys.modules, 'imported by the tfds path'
+  """)
+  repo = pathlib.Path(input_pipeline.__file__).parent
+  result = subprocess.run([sys.executable, '-c', code], cwd=repo, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize('name', TFDS_SHAPES)
+def test_tfds_datasets_load_under_mock_data(name, tmp_path):
+  config = _config(dataset=name, data_dir=str(tmp_path), input_shape=TFDS_SHAPES[name])
+  with tfds.testing.mock_data(num_examples=6):
+    data = input_pipeline.load_split(config, 'test')
+  assert data['image'].shape == (6, *TFDS_SHAPES[name]) and data['image'].dtype == np.float32
+  assert data['label'].dtype == np.int32 and set(data['label']) <= set(range(10))
+  if name != 'cifar10':  # 28x28 digits, zero-padded: the 2-pixel border is the normalised background.
+    mean, std = input_pipeline.padded_stats(*input_pipeline.TRAIN_STATS[name], fraction=784 / 1024)
+    background = np.float32(-mean[0] / std[0])
+    np.testing.assert_array_equal(data['image'][:, _border()], background)
+    assert np.any(data['image'][:, 2:30, 2:30] != background)
+
+
+def test_missing_tfds_data_fails_fast_with_instructions(tmp_path):
+  start = time.monotonic()
+  with pytest.raises(FileNotFoundError, match="array_record.*config.data_dir.*config.dataset='embedded_mnist'"):
+    input_pipeline.load_split(_config(dataset='fashion_mnist', data_dir=str(tmp_path)), 'train')
+  assert time.monotonic() - start < 10
+  assert not list(tmp_path.iterdir())  # Nothing downloaded or half-prepared.
+
+
+def _epoch(data, **overrides):
+  return [
+    jax.device_get(batch) for batch in input_pipeline.train_batches(data, _config(batch_size=128, **overrides), 0)
+  ]
+
+
+def test_batch_order_is_a_pure_function_of_seed_and_epoch(train_split):
+  data = jax.device_put(train_split)
+  first, again, other_seed = _epoch(data), _epoch(data), _epoch(data, seed=1)
+  assert len(first) == input_pipeline.steps_per_epoch(4000, 128) == 31
+  for a, b in zip(first, again, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  assert not np.array_equal(first[0]['label'], other_seed[0]['label'])
+  indices = np.asarray(input_pipeline.shuffled_batch_indices(input_pipeline.epoch_key(0, 0), 4000, 128))
+  assert indices.dtype == np.int32 and indices.shape == (31, 128) and len(np.unique(indices)) == 31 * 128
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in first]), train_split['label'][indices.reshape(-1)])
+  np.testing.assert_array_equal(first[-1]['image'], train_split['image'][indices[-1]])
+  # A resumed run picks up mid-epoch exactly.
+  resumed = input_pipeline.train_batches(data, _config(batch_size=128), 0, start_step=29)
+  np.testing.assert_array_equal([b['label'] for b in resumed], [b['label'] for b in first[29:]])
+  # The epoch may be traced, for an epoch run inside jit.
+  traced = jax.jit(lambda e: input_pipeline.shuffled_batch_indices(input_pipeline.epoch_key(0, e), 4000, 128))(0)
+  np.testing.assert_array_equal(traced, indices)
+  assert not np.array_equal(indices, input_pipeline.shuffled_batch_indices(input_pipeline.epoch_key(0, 1), 4000, 128))
+
+
+def test_augmented_batches_follow_the_documented_keys(train_split):
+  step = 3
+  batch = next(input_pipeline.train_batches(train_split, _config(batch_size=128, augment=True), 0, start_step=step))
+  key = input_pipeline.epoch_key(0, 0)
+  indices = input_pipeline.shuffled_batch_indices(key, 4000, 128)[step]
+  expected = input_pipeline.augment(jnp.asarray(train_split['image'])[indices], jax.random.fold_in(key, step))
+  np.testing.assert_array_equal(batch['image'], expected)
+  np.testing.assert_array_equal(batch['label'], train_split['label'][indices])
+  assert not np.array_equal(batch['image'], train_split['image'][indices])
+
+
+@pytest.mark.parametrize('n', [1000, 999, 50])
+def test_eval_batches_cover_the_split_exactly_once(test_split, n):
+  data = {'image': test_split['image'][:n], 'label': test_split['label'][:n]}
+  batches = [jax.device_get(b) for b in input_pipeline.eval_batches(data, 100)]
+  assert len(batches) == -(-n // 100) and all(b['image'].shape == (100, 32, 32, 1) for b in batches)
+  mask = np.concatenate([b['mask'] for b in batches])
+  assert mask.sum() == n and mask[:n].all()
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches])[mask], data['label'])
+  np.testing.assert_array_equal(np.concatenate([b['image'] for b in batches])[mask], data['image'])
+  assert not np.concatenate([b['image'] for b in batches])[~mask].any()
+
+
+def test_augment():
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((16, 32, 32, 3)), jnp.float32)
+  p = input_pipeline.CROP_PADDING
+  no_flip = jnp.zeros(16, bool)
+  centre = jnp.full((16, 2), p)
+  np.testing.assert_array_equal(input_pipeline.crop_and_flip(images, centre, no_flip), images)
+  np.testing.assert_array_equal(input_pipeline.crop_and_flip(images, centre, ~no_flip), images[:, :, ::-1])
+  corner = input_pipeline.crop_and_flip(images, jnp.zeros((16, 2), int), no_flip)  # Shifted down-right by p.
+  np.testing.assert_array_equal(corner[:, p:, p:], images[:, :-p, :-p])
+  assert not corner[:, :p].any() and not corner[:, :, :p].any()
+
+  key = jax.random.key(1)
+  augmented = input_pipeline.augment(images, key)
+  assert augmented.shape == images.shape
+  np.testing.assert_array_equal(jax.jit(input_pipeline.augment)(images, key), augmented)
+  assert np.any(augmented != images, axis=(1, 2, 3)).sum() >= 14  # Only 1 draw in 162 is the identity.
+  assert not np.array_equal(input_pipeline.augment(images, jax.random.key(2)), augmented)
+
+  # One lit pixel at (16, 10) in 1000 copies: where it lands shows each draw's crop and flip.
+  dot = jnp.zeros((1000, 32, 32, 1)).at[:, 16, 10].set(1)
+  _, rows, cols, _ = np.nonzero(np.asarray(jax.jit(input_pipeline.augment)(dot, key)))
+  assert len(rows) == 1000 and set(rows) == set(range(16 - p, 16 + p + 1))
+  flipped = cols > 15
+  assert set(cols[~flipped]) == set(range(10 - p, 10 + p + 1)) and 0.4 < flipped.mean() < 0.6
+
+
+@pytest.mark.parametrize(
+  'overrides, split, message',
+  [
+    ({'dataset': 'imagenet'}, 'train', r"config.dataset='imagenet' is not one of \('embedded_mnist'"),
+    ({'input_shape': (32, 32, 3)}, 'train', r'config.input_shape=\(32, 32, 3\) does not match .* \(32, 32, 1\)'),
+    ({'input_shape': (28, 28, 1)}, 'test', r'config.input_shape=\(28, 28, 1\)'),
+    ({}, 'valid', r"split='valid' is not one of \('train', 'validation', 'test'\)"),
+    ({}, 'validation', r'config.validation_size >= 1'),
+    ({'validation_size': 4000}, 'train', r'config.validation_size=4000 is not valid'),
+  ],
+)
+def test_load_split_errors(overrides, split, message):
+  with pytest.raises(ValueError, match=message):
+    input_pipeline.load_split(_config(**overrides), split)
+
+
+@pytest.mark.parametrize('batch_size', [0, -1, 1001])
+def test_bad_batch_size(test_split, batch_size):
+  with pytest.raises(ValueError, match=f'config.batch_size={batch_size} is not valid.*from 1 to 1000'):
+    next(input_pipeline.train_batches(test_split, _config(batch_size=batch_size), 0))
