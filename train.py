@@ -37,6 +37,10 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or Inf."""
 
 
+class IncompatibleCheckpointError(ValueError):
+  """A workdir's checkpoint has parameters of other shapes than the config's model."""
+
+
 def create_learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
   """Learning rate per step for `config.schedule`, peaking at `config.learning_rate`."""
   total_steps = config.num_epochs * steps_per_epoch
@@ -176,7 +180,35 @@ class MetricWriter:
 
 
 def _shapes(tree) -> dict:
-  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+def checkpoint_manager(workdir: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+  """Orbax manager of workdir/checkpoints/<step>, each holding one TrainState."""
+  return ocp.CheckpointManager(
+    os.path.abspath(os.path.join(workdir, 'checkpoints')),
+    options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=max_to_keep is not None),
+    item_handlers=ocp.StandardCheckpointHandler(),
+  )
+
+
+def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
+  """Raises IncompatibleCheckpointError unless checkpoint `step` has the parameter shapes of `abstract_params`."""
+  expected, found = _shapes(abstract_params), _shapes(manager.item_metadata(step)['params'])
+  if expected != found:
+    differences = [
+      f'  {name}: checkpoint {found.get(name)}, config {expected.get(name)}'
+      for name in sorted(expected.keys() | found.keys())
+      if expected.get(name) != found.get(name)
+    ]
+    raise IncompatibleCheckpointError(
+      f'The checkpoint at step {step} in {manager.directory} belongs to a different model:\n'
+      + '\n'.join(differences)
+      + '\nUse a new --workdir for this config; the existing checkpoints were left untouched.'
+    )
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: str):
@@ -186,21 +218,11 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
   workdir/corrupt_checkpoints/ (never deleted) and the previous one is used.
   """
   for step in sorted(manager.all_steps(), reverse=True):
-    saved_params = manager.item_metadata(step)['params']
-    expected, found = _shapes(abstract_state.params), _shapes(saved_params)
-    if expected != found:
-      differences = [
-        f'  {name}: checkpoint {found.get(name)}, config {expected.get(name)}'
-        for name in sorted(expected.keys() | found.keys())
-        if expected.get(name) != found.get(name)
-      ]
-      raise ValueError(
-        f'The checkpoint at step {step} in {manager.directory} belongs to a different model:\n'
-        + '\n'.join(differences)
-        + '\nUse a new --workdir for this config; the existing checkpoints were left untouched.'
-      )
     try:
+      _check_compatible(manager, step, abstract_state.params)
       return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except IncompatibleCheckpointError:
+      raise
     except Exception as error:  # noqa: BLE001 -- any read failure means this checkpoint is unusable.
       quarantine = os.path.join(workdir, 'corrupt_checkpoints', str(step))
       logging.error(
@@ -210,6 +232,15 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
       shutil.move(os.path.join(manager.directory, str(step)), quarantine)
       manager.reload()
   return None
+
+
+def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, int] | None:
+  """(params, step) of the latest readable checkpoint in `workdir` for `config`'s model, or None if there is none."""
+  # The schedule's length (steps per epoch) does not change the state's structure, so any value restores it.
+  abstract_state = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0), steps_per_epoch=1))
+  with checkpoint_manager(workdir) as manager:
+    state = restore_checkpoint(manager, abstract_state, workdir)
+  return None if state is None else (state.params, int(state.step))
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
@@ -255,10 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   logging.info('Model (per example):\n%s', model.summary(config))
 
   state = create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
-  manager = ocp.CheckpointManager(
-    os.path.abspath(os.path.join(workdir, 'checkpoints')),
-    options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep, create=True),
-  )
+  manager = checkpoint_manager(workdir, config.max_checkpoints_to_keep)
   restored = restore_checkpoint(manager, jax.eval_shape(lambda: state), workdir)
   if restored is not None:
     state = restored
