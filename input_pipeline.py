@@ -168,12 +168,19 @@ def augment(images: jax.Array, key: jax.Array) -> jax.Array:
   return crop_and_flip(images, offsets, flips)
 
 
-@functools.partial(jax.jit, static_argnames='augment_images')
-def _train_batch(images, labels, indices, key, step, augment_images: bool) -> dict[str, jax.Array]:
-  batch = {'image': images[indices[step]], 'label': labels[indices[step]]}
+def train_batch(data: dict, indices: jax.Array, key: jax.Array, step, augment_images: bool) -> dict[str, jax.Array]:
+  """Batch `step` of an epoch ordered by `indices` [S, B] and keyed by `key`: {'image': [B, ...], 'label': [B]}.
+
+  Pure and jittable (`step` may be traced): the one definition of a training batch, used per step and inside a
+  whole-epoch `lax.scan` alike.
+  """
+  batch = {'image': data['image'][indices[step]], 'label': data['label'][indices[step]]}
   if augment_images:
     batch['image'] = augment(batch['image'], jax.random.fold_in(key, step))
   return batch
+
+
+_train_batch = jax.jit(train_batch, static_argnames='augment_images')
 
 
 def train_batches(
@@ -191,8 +198,9 @@ def train_batches(
   indices = shuffled_batch_indices(key, len(labels), config.batch_size)
   if not 0 <= start_step <= len(indices):
     raise ValueError(f'start_step={start_step} is not valid; an epoch has steps 0 to {len(indices) - 1}.')
+  data = {'image': images, 'label': labels}
   for step in range(start_step, len(indices)):
-    yield _train_batch(images, labels, indices, key, step, config.get('augment', False))
+    yield _train_batch(data, indices, key, step, config.get('augment', False))
 
 
 @functools.partial(jax.jit, static_argnames='batch_size')
