@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 import tensorboardX
 from absl import app, flags, logging
 from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 import input_pipeline
@@ -31,6 +32,7 @@ import model
 
 OPTIMIZERS = ('sgd', 'momentum', 'adam', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'warmup_cosine')
+TRAIN_MODES = ('step', 'epoch')
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -41,34 +43,45 @@ class IncompatibleCheckpointError(ValueError):
   """A workdir's checkpoint has parameters of other shapes than the config's model."""
 
 
-def create_learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  """Learning rate per step for `config.schedule`, peaking at `config.learning_rate`."""
+def create_learning_rate_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, peak_learning_rate=None
+) -> optax.Schedule:
+  """Learning rate per step for `config.schedule`, peaking at `peak_learning_rate` (default config.learning_rate)."""
+  peak = config.learning_rate if peak_learning_rate is None else peak_learning_rate
   total_steps = config.num_epochs * steps_per_epoch
   if config.schedule == 'constant':
-    return optax.constant_schedule(config.learning_rate)
+    return optax.constant_schedule(peak)
   if config.schedule == 'cosine':
-    return optax.cosine_decay_schedule(config.learning_rate, total_steps)
+    return optax.cosine_decay_schedule(peak, total_steps)
   warmup_steps = int(config.warmup_epochs * steps_per_epoch)
-  return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup_steps, total_steps)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, total_steps)
 
 
 def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-  """The optax optimiser of `config.optimizer`, with optional global-norm clipping and weight decay."""
-  learning_rate = create_learning_rate_schedule(config, steps_per_epoch)
-  if config.optimizer == 'sgd':
-    optimizer = optax.sgd(learning_rate)
-  elif config.optimizer == 'momentum':
-    optimizer = optax.sgd(learning_rate, momentum=config.momentum)
-  elif config.optimizer == 'adam':
-    optimizer = optax.adam(learning_rate)
-  else:
-    optimizer = optax.adamw(learning_rate, weight_decay=config.weight_decay)
-  if config.weight_decay and config.optimizer != 'adamw':
-    # Coupled (L2) decay for the SGD family and adam; adamw decouples it itself.
-    optimizer = optax.chain(optax.add_decayed_weights(config.weight_decay), optimizer)
-  if config.grad_clip_norm:
-    optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
-  return optimizer
+  """The optax optimiser of `config.optimizer`, with optional global-norm clipping and weight decay.
+
+  The peak learning rate is a hyperparameter in the optimiser state (`opt_state.hyperparams['learning_rate']`),
+  so the models of a seed sweep can each carry their own.
+  """
+
+  def optimizer(learning_rate):
+    schedule = create_learning_rate_schedule(config, steps_per_epoch, learning_rate)
+    if config.optimizer == 'sgd':
+      transform = optax.sgd(schedule)
+    elif config.optimizer == 'momentum':
+      transform = optax.sgd(schedule, momentum=config.momentum)
+    elif config.optimizer == 'adam':
+      transform = optax.adam(schedule)
+    else:
+      transform = optax.adamw(schedule, weight_decay=config.weight_decay)
+    if config.weight_decay and config.optimizer != 'adamw':
+      # Coupled (L2) decay for the SGD family and adam; adamw decouples it itself.
+      transform = optax.chain(optax.add_decayed_weights(config.weight_decay), transform)
+    if config.grad_clip_norm:
+      transform = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), transform)
+    return transform
+
+  return optax.inject_hyperparams(optimizer)(learning_rate=config.learning_rate)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -99,6 +112,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     fail('momentum', 'it must be in [0, 1)')
   if config.warmup_epochs >= config.num_epochs and config.schedule == 'warmup_cosine':
     fail('warmup_epochs', f'it must be less than num_epochs={config.num_epochs}')
+  if config.train_mode not in TRAIN_MODES:
+    fail('train_mode', f'choose one of {TRAIN_MODES}')
+  if not isinstance(config.num_models, int) or config.num_models < 1:
+    fail('num_models', 'it must be an integer >= 1 (the number of models trained side by side with vmap)')
+  if config.learning_rates and (
+    len(config.learning_rates) != config.num_models or not all(lr > 0 for lr in config.learning_rates)
+  ):
+    fail('learning_rates', f'give none or num_models={config.num_models} learning rates, each > 0')
+  for name in ('batch_size', 'eval_batch_size'):
+    if config[name] % jax.device_count():
+      fail(name, f'it must divide evenly over the {jax.device_count()} devices (a multiple of {jax.device_count()})')
   model.create_model(config)
 
 
@@ -114,6 +138,26 @@ def create_train_state(
   )
 
 
+def model_seeds(config: ml_collections.ConfigDict) -> np.ndarray:
+  """The seed of each of the config.num_models models: model k is the single run with seed config.seed + k."""
+  return config.seed + np.arange(config.num_models)
+
+
+def create_sweep_state(config: ml_collections.ConfigDict, steps_per_epoch: int) -> train_state.TrainState:
+  """config.num_models independent TrainStates stacked on a leading axis [K, ...], for `jax.vmap`.
+
+  Model k starts from seed config.seed + k and peaks at config.learning_rates[k] (default config.learning_rate).
+  """
+  learning_rates = jnp.asarray(config.learning_rates or [config.learning_rate] * config.num_models, jnp.float32)
+
+  def create(seed, learning_rate):
+    state = create_train_state(config, jax.random.key(seed), steps_per_epoch)
+    hyperparams = {**state.opt_state.hyperparams, 'learning_rate': learning_rate}
+    return state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
+
+  return jax.vmap(create)(model_seeds(config), learning_rates)
+
+
 def compute_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
   """Sums over the batch, [B, K] x [B] -> {'loss_sum', 'correct', 'count'}; `mask` drops padding examples."""
   mask = jnp.ones(labels.shape, bool) if mask is None else mask
@@ -125,9 +169,9 @@ def compute_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array | None
   }
 
 
-def summarize_metrics(metric_sums: list[dict]) -> dict[str, float]:
-  """Metric sums of several batches -> {'loss', 'accuracy'} over all their examples."""
-  totals = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(metric_sums))
+def summarize_metrics(metric_sums: list[dict]) -> dict[str, np.ndarray]:
+  """Metric sums of several batches -> {'loss', 'accuracy'} over all their examples, per model for a sweep."""
+  totals = jax.tree.map(lambda *xs: np.sum(np.asarray(xs, np.float64), axis=0), *jax.device_get(metric_sums))
   return {'loss': totals['loss_sum'] / totals['count'], 'accuracy': totals['correct'] / totals['count']}
 
 
@@ -148,15 +192,31 @@ def eval_step(params: dict, batch: dict, *, apply_fn) -> dict:
   return compute_metrics(logits, batch['label'], batch['mask'])
 
 
-def evaluate(eval_fn, params: dict, data: dict, batch_size: int) -> dict[str, float]:
-  """Exact loss and accuracy over every example of `data`."""
+def train_step_on_data(
+  state: train_state.TrainState, data: dict, indices: jax.Array, key: jax.Array, step, *, augment: bool, batch_sharding
+) -> tuple[train_state.TrainState, dict]:
+  """`train_step` on batch `step` of the epoch ordered by `indices` [S, B] and keyed by `key`.
+
+  The batch is gathered from `data` on the device and split over the devices' batch axis; step-by-step and
+  whole-epoch training both run exactly this.
+  """
+  batch = input_pipeline.train_batch(data, indices, key, step, augment)
+  return train_step(state, jax.lax.with_sharding_constraint(batch, batch_sharding))
+
+
+def evaluate(eval_fn, params: dict, data: dict, batch_size: int) -> dict[str, np.ndarray]:
+  """Exact loss and accuracy over every example of `data` ([K] arrays for a sweep of K models)."""
   return summarize_metrics([eval_fn(params, batch) for batch in input_pipeline.eval_batches(data, batch_size)])
 
 
 class MetricWriter:
-  """Writes scalars to TensorBoard and as JSON lines to workdir/metrics.jsonl (appending on resume)."""
+  """Writes scalars as JSON lines to workdir/metrics.jsonl (appending on resume) and to TensorBoard.
 
-  def __init__(self, workdir: str):
+  A sweep of K models writes one row per model, with a "model" field, and a TensorBoard run per model
+  (workdir/model_<k>).
+  """
+
+  def __init__(self, workdir: str, num_models: int = 1):
     path = os.path.join(workdir, 'metrics.jsonl')
     ends_mid_line = False
     if os.path.exists(path) and os.path.getsize(path):
@@ -166,17 +226,23 @@ class MetricWriter:
     self._jsonl = open(path, 'a')
     if ends_mid_line:
       self._jsonl.write('\n')  # A run killed mid-write left a partial line; start on a fresh one.
-    self._tensorboard = tensorboardX.SummaryWriter(workdir)
+    logdirs = [workdir] if num_models == 1 else [os.path.join(workdir, f'model_{k}') for k in range(num_models)]
+    self._tensorboards = [tensorboardX.SummaryWriter(logdir) for logdir in logdirs]
 
-  def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
-    self._jsonl.write(json.dumps({'step': step, 'split': split, **scalars}) + '\n')
+  def write(self, step: int, split: str, scalars: dict[str, np.ndarray]) -> None:
+    """Scalars of shape [] (one model) or [K] (a sweep)."""
+    sweep = len(self._tensorboards) > 1
+    for k, tensorboard in enumerate(self._tensorboards):
+      values = {name: float(np.reshape(value, -1)[k]) for name, value in scalars.items()}
+      self._jsonl.write(json.dumps({'step': step, 'split': split, **({'model': k} if sweep else {}), **values}) + '\n')
+      for name, value in values.items():
+        tensorboard.add_scalar(f'{split}/{name}', value, step)
     self._jsonl.flush()
-    for name, value in scalars.items():
-      self._tensorboard.add_scalar(f'{split}/{name}', value, step)
 
   def close(self) -> None:
     self._jsonl.close()
-    self._tensorboard.close()
+    for tensorboard in self._tensorboards:
+      tensorboard.close()
 
 
 def _shapes(tree) -> dict:
@@ -257,90 +323,167 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> N
     f.write(text)
 
 
-def _check_finite(pending: list[tuple[int, dict]]) -> None:
-  """Raises NonFiniteLossError at the first step in `pending` whose loss is NaN or Inf."""
+def _check_finite(pending: list[tuple[int, dict]], learning_rates: np.ndarray) -> None:
+  """Raises NonFiniteLossError at the first step in `pending` whose loss (of any model) is NaN or Inf."""
   for step, metrics in pending:
-    loss = float(metrics['loss_sum'])
-    if not math.isfinite(loss):
+    losses = np.reshape(np.asarray(metrics['loss_sum']), -1)
+    for k in np.flatnonzero(~np.isfinite(losses)):
+      which = f' of model {k} (learning rate {learning_rates[k]:g})' if len(losses) > 1 else ''
       raise NonFiniteLossError(
-        f'The training loss became {loss} at step {step}. Likely causes: the learning rate is too high '
-        '(try a smaller --config.learning_rate, a warmup_cosine schedule, or --config.grad_clip_norm=1.0), '
-        'or the input data contain NaN/Inf. The last good checkpoint was kept.'
+        f'The training loss{which} became {losses[k]} at step {step}. Likely causes: the learning rate is too '
+        'high (try a smaller --config.learning_rate, a warmup_cosine schedule, or --config.grad_clip_norm=1.0), or '
+        'the input data contain NaN/Inf. The last good checkpoint was kept.'
       )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[train_state.TrainState, dict]:
-  """Trains per `config`, checkpointing and logging into `workdir`; returns (final state, final metrics)."""
+  """Trains per `config`, checkpointing and logging into `workdir`; returns (final state, final metrics).
+
+  config.train_mode 'step' runs one jitted step per batch; 'epoch' runs each whole epoch as one jitted
+  `lax.scan`. config.num_models = K > 1 trains K models side by side with `jax.vmap` (state and metrics get a
+  leading [K] axis). With several devices the batch is split over them and the parameters replicated.
+  """
   check_config(config)
-  # On the device once: every epoch and every evaluation gathers its batches there.
-  train_data = jax.device_put(input_pipeline.load_split(config, 'train'))
-  test_data = jax.device_put(input_pipeline.load_split(config, 'test'))
+  eval_split = 'validation' if config.validation_size else 'test'
+  mesh = jax.make_mesh((jax.device_count(),), ('batch',), axis_types=(jax.sharding.AxisType.Auto,))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
+  # On the devices once: every epoch and every evaluation gathers its batches there.
+  train_data = jax.device_put(input_pipeline.load_split(config, 'train'), replicated)
+  eval_data = jax.device_put(input_pipeline.load_split(config, eval_split), replicated)
   num_train = len(train_data['label'])
+  input_pipeline.check_batch_size(config.batch_size, num_train)
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
   total_steps = config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps or steps_per_epoch
   checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
+  if config.train_mode == 'epoch':
+    for name, every in (('eval_every_steps', eval_every), ('checkpoint_every_steps', checkpoint_every)):
+      if every % steps_per_epoch:
+        raise ValueError(
+          f'config.{name}={config[name]} is not valid with train_mode=epoch; it must be 0 or a multiple of the '
+          f'{steps_per_epoch} steps of an epoch, since the state exists only between epochs.'
+        )
 
   os.makedirs(workdir, exist_ok=True)
   logging.info('Config:\n%s', config)
   logging.info('Model (per example):\n%s', model.summary(config))
 
-  state = create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
+  sweep = config.num_models > 1
+  if sweep:
+    state = create_sweep_state(config, steps_per_epoch)
+  else:
+    state = create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
+  state = jax.device_put(state, replicated)
+  learning_rates = np.reshape(state.opt_state.hyperparams['learning_rate'], -1)
   manager = checkpoint_manager(workdir, config.max_checkpoints_to_keep)
-  restored = restore_checkpoint(manager, jax.eval_shape(lambda: state), workdir)
+  restored = restore_checkpoint(manager, jax.tree.map(_abstract(replicated), state), workdir)
   if restored is not None:
     state = restored
-    logging.info('Resumed from the checkpoint at step %d.', int(state.step))
-  start_step = int(state.step)
+    logging.info('Resumed from the checkpoint at step %d.', int(np.max(state.step)))
+  start_step = int(np.max(state.step))
   save_config(config, workdir, start_step)
 
+  seeds = model_seeds(config) if sweep else config.seed
+
+  def epoch_order(epoch):
+    """(keys, indices [S, B]) of an epoch, per model for a sweep."""
+
+    def order(seed):
+      key = input_pipeline.epoch_key(seed, epoch)
+      return key, input_pipeline.shuffled_batch_indices(key, num_train, config.batch_size)
+
+    return jax.vmap(order)(seeds) if sweep else order(seeds)
+
+  step_on_data = functools.partial(train_step_on_data, augment=config.augment, batch_sharding=batch_sharding)
+  eval_on_batch = functools.partial(eval_step, apply_fn=state.apply_fn)
+  if sweep:
+    step_on_data = jax.vmap(step_on_data, in_axes=(0, None, 0, 0, None))
+    eval_on_batch = jax.vmap(eval_on_batch, in_axes=(0, None))
+
+  def train_epoch(state, data, epoch):
+    keys, indices = epoch_order(epoch)
+    return jax.lax.scan(lambda s, i: step_on_data(s, data, indices, keys, i), state, jnp.arange(steps_per_epoch))
+
+  eval_fn = jax.jit(
+    lambda params, batch: eval_on_batch(params, jax.lax.with_sharding_constraint(batch, batch_sharding))
+  )
+  epoch_order = jax.jit(epoch_order)
   compile_start = time.perf_counter()
-  first_batch = next(input_pipeline.train_batches(train_data, config, epoch=0))
-  train_step_fn = jax.jit(train_step, donate_argnums=0).lower(state, first_batch).compile()
-  eval_fn = jax.jit(functools.partial(eval_step, apply_fn=state.apply_fn))
+  if config.train_mode == 'epoch':
+    compiled_epoch = jax.jit(train_epoch, donate_argnums=0).lower(state, train_data, 0).compile()
+  # A resumed epoch-mode run may start mid-epoch (from a step-mode checkpoint): it finishes that epoch by steps.
+  if config.train_mode == 'step' or start_step % steps_per_epoch:
+    keys, indices = epoch_order(start_step // steps_per_epoch)
+    compiled_step = jax.jit(step_on_data, donate_argnums=0).lower(state, train_data, indices, keys, 0).compile()
   compile_seconds = time.perf_counter() - compile_start
 
-  writer = MetricWriter(workdir)
-  pending = []  # (step, device metrics) not yet checked for NaN, logged or checkpointed.
+  writer = MetricWriter(workdir, config.num_models)
+  pending = []  # (step, metrics) not yet checked for NaN, logged or checkpointed.
   last_log_time, last_log_step = time.perf_counter(), start_step
-  step = start_step
+
+  def finish_step(step, metrics, state):
+    """Logs, evaluates and checkpoints after `step` as the config's cadences ask."""
+    nonlocal pending, last_log_time, last_log_step
+    pending.append((step, metrics))
+    is_last = step == total_steps
+    if step % config.log_every_steps == 0 or is_last:
+      _check_finite(pending, learning_rates)
+      train_metrics = summarize_metrics([m for _, m in pending])
+      writer.write(step, 'train', train_metrics)
+      pending = []
+      # Whole-epoch training has no time between its steps: report its rate once, at the epoch's end.
+      if config.train_mode == 'step' or step % steps_per_epoch == 0 or is_last:
+        now = time.perf_counter()
+        steps_per_second = (step - last_log_step) / (now - last_log_time)
+        logging.info(
+          'step %d/%d epoch %d  train loss %s accuracy %s  %.1f steps/s %.0f images/s  ETA %.0f s%s',
+          step, total_steps, -(-step // steps_per_epoch), _fmt(train_metrics['loss']),
+          _fmt(train_metrics['accuracy']), steps_per_second,
+          steps_per_second * config.batch_size * config.num_models, (total_steps - step) / steps_per_second,
+          f'  (compiled in {compile_seconds:.2f} s)' if last_log_step == start_step else '',
+        )  # fmt: skip
+        last_log_time, last_log_step = now, step
+    if step % eval_every == 0 and not is_last:
+      eval_metrics = evaluate(eval_fn, state.params, eval_data, config.eval_batch_size)
+      writer.write(step, eval_split, eval_metrics)
+      logging.info(
+        'step %d  %s loss %s accuracy %s', step, eval_split, _fmt(eval_metrics['loss']), _fmt(eval_metrics['accuracy'])
+      )
+    if step % checkpoint_every == 0 or is_last:
+      _check_finite(pending, learning_rates)
+      manager.save(step, args=ocp.args.StandardSave(state))
+
   try:
     for epoch in range(start_step // steps_per_epoch, config.num_epochs):
-      batches = input_pipeline.train_batches(train_data, config, epoch, start_step=step - epoch * steps_per_epoch)
-      for batch in batches:
-        state, metrics = train_step_fn(state, batch)
-        step += 1
-        pending.append((step, metrics))
-        is_last = step == total_steps
-        if step % config.log_every_steps == 0 or is_last:
-          _check_finite(pending)
-          train_metrics = summarize_metrics([m for _, m in pending])
-          writer.write(step, 'train', train_metrics)
-          now = time.perf_counter()
-          steps_per_second = (step - last_log_step) / (now - last_log_time)
-          logging.info(
-            'step %d/%d epoch %d  train loss %.4f accuracy %.4f  %.1f steps/s %.0f images/s  ETA %.0f s%s',
-            step, total_steps, epoch + 1, train_metrics['loss'], train_metrics['accuracy'], steps_per_second,
-            steps_per_second * config.batch_size, (total_steps - step) / steps_per_second,
-            f'  (compiled in {compile_seconds:.2f} s)' if last_log_step == start_step else '',
-          )  # fmt: skip
-          pending, last_log_time, last_log_step = [], now, step
-        if step % eval_every == 0 and not is_last:
-          test_metrics = evaluate(eval_fn, state.params, test_data, config.eval_batch_size)
-          writer.write(step, 'test', test_metrics)
-          logging.info('step %d  test loss %.4f accuracy %.4f', step, test_metrics['loss'], test_metrics['accuracy'])
-        if step % checkpoint_every == 0 or is_last:
-          _check_finite(pending)
-          manager.save(step, args=ocp.args.StandardSave(state))
-    test_metrics = evaluate(eval_fn, state.params, test_data, config.eval_batch_size)
+      first_step = epoch * steps_per_epoch
+      if config.train_mode == 'epoch' and start_step <= first_step:
+        state, epoch_metrics = compiled_epoch(state, train_data, epoch)
+        epoch_metrics = jax.device_get(epoch_metrics)
+        for i in range(steps_per_epoch):
+          finish_step(first_step + i + 1, jax.tree.map(lambda m, i=i: m[i], epoch_metrics), state)
+      else:
+        keys, indices = epoch_order(epoch)
+        for i in range(max(start_step - first_step, 0), steps_per_epoch):
+          state, metrics = compiled_step(state, train_data, indices, keys, i)
+          finish_step(first_step + i + 1, metrics, state)
+    eval_metrics = evaluate(eval_fn, state.params, eval_data, config.eval_batch_size)
     if start_step < total_steps:
-      writer.write(total_steps, 'test', test_metrics)
-    logging.info('Final test loss %.4f accuracy %.4f', test_metrics['loss'], test_metrics['accuracy'])
+      writer.write(total_steps, eval_split, eval_metrics)
+    logging.info('Final %s loss %s accuracy %s', eval_split, _fmt(eval_metrics['loss']), _fmt(eval_metrics['accuracy']))
   finally:
     manager.wait_until_finished()
     manager.close()
     writer.close()
-  return state, {f'test_{name}': value for name, value in test_metrics.items()}
+  return state, {f'{eval_split}_{name}': (value if sweep else float(value)) for name, value in eval_metrics.items()}
+
+
+def _fmt(value: np.ndarray) -> str:
+  return np.array2string(np.asarray(value), precision=4, floatmode='fixed', separator=' ')
+
+
+def _abstract(sharding):
+  return lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 FLAGS = flags.FLAGS

@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = None  # Passed to tfds for the tfds datasets.
   config.input_shape = (32, 32, 1)
   config.augment = False
+  config.validation_size = 0  # > 0 holds out the end of the train split and evaluates on it instead of test.
 
   config.model = ml_collections.ConfigDict()
   config.model.conv_features = (3, 6)
@@ -37,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.schedule = 'cosine'
   config.warmup_epochs = 0.0
   config.grad_clip_norm = 0.0  # 0 disables clipping.
+
+  config.train_mode = 'step'  # 'step': one jitted call per batch; 'epoch': one lax.scan per epoch.
+  config.num_models = 1  # K > 1 trains K models (seeds seed..seed+K-1) side by side with jax.vmap.
+  config.learning_rates = ()  # Optional: one peak learning rate per model of a sweep.
 
   config.log_every_steps = 100
   config.eval_every_steps = 0  # 0: evaluate at the end of every epoch.
