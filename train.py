@@ -46,15 +46,19 @@ class IncompatibleCheckpointError(ValueError):
 def create_learning_rate_schedule(
   config: ml_collections.ConfigDict, steps_per_epoch: int, peak_learning_rate=None
 ) -> optax.Schedule:
-  """Learning rate per step for `config.schedule`, peaking at `peak_learning_rate` (default config.learning_rate)."""
+  """Learning rate per step for `config.schedule`, peaking at `peak_learning_rate` (default config.learning_rate).
+
+  The peak scales a unit-peak schedule, so it may be a traced value (one per model of a sweep).
+  """
   peak = config.learning_rate if peak_learning_rate is None else peak_learning_rate
   total_steps = config.num_epochs * steps_per_epoch
   if config.schedule == 'constant':
-    return optax.constant_schedule(peak)
-  if config.schedule == 'cosine':
-    return optax.cosine_decay_schedule(peak, total_steps)
-  warmup_steps = int(config.warmup_epochs * steps_per_epoch)
-  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, total_steps)
+    unit = optax.constant_schedule(1.0)
+  elif config.schedule == 'cosine':
+    unit = optax.cosine_decay_schedule(1.0, total_steps)
+  else:
+    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, int(config.warmup_epochs * steps_per_epoch), total_steps)
+  return lambda step: peak * unit(step)
 
 
 def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -277,12 +281,14 @@ def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params
     )
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: str):
-  """The latest readable checkpoint as a TrainState, or None when there is none.
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: str, *, set_aside_corrupt: bool):
+  """The latest checkpoint as a TrainState, or None when there is none.
 
-  A checkpoint of a different model is refused. A latest checkpoint that cannot be read is moved to
-  workdir/corrupt_checkpoints/ (never deleted) and the previous one is used.
+  A checkpoint of a different model is refused. With `set_aside_corrupt`, a latest checkpoint that cannot be read
+  is moved to workdir/corrupt_checkpoints/ (never deleted) and the previous one is used; a second unreadable one
+  stops the run, since that points to a cause other than an interrupted write.
   """
+  set_aside = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       _check_compatible(manager, step, abstract_state.params)
@@ -290,23 +296,51 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
     except IncompatibleCheckpointError:
       raise
     except Exception as error:  # noqa: BLE001 -- any read failure means this checkpoint is unusable.
+      if not set_aside_corrupt or set_aside:
+        raise RuntimeError(
+          f'The checkpoint at step {step} in {manager.directory} cannot be read ({type(error).__name__}: {error}).'
+          + (
+            f' Checkpoint {set_aside[0]} was unreadable too and is in {workdir}/corrupt_checkpoints.'
+            if set_aside
+            else ''
+          )
+        ) from error
       quarantine = os.path.join(workdir, 'corrupt_checkpoints', str(step))
       logging.error(
-        'Checkpoint %d cannot be read (%s: %s); moving it to %s.', step, type(error).__name__, error, quarantine
-      )
+        'Checkpoint %d cannot be read (%s: %s); moving it to %s and resuming from the one before.',
+        step, type(error).__name__, error, quarantine,
+      )  # fmt: skip
       os.makedirs(os.path.dirname(quarantine), exist_ok=True)
       shutil.move(os.path.join(manager.directory, str(step)), quarantine)
       manager.reload()
+      set_aside.append(step)
   return None
 
 
+def _abstract(tree, sharding: NamedSharding):
+  """Shapes and dtypes of `tree` placed with `sharding`: a restore target."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def device_mesh() -> jax.sharding.Mesh:
+  """All devices on one 'batch' axis: batches are split over it, parameters replicated."""
+  return jax.make_mesh((jax.device_count(),), ('batch',), axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, int] | None:
-  """(params, step) of the latest readable checkpoint in `workdir` for `config`'s model, or None if there is none."""
-  # The schedule's length (steps per epoch) does not change the state's structure, so any value restores it.
-  abstract_state = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0), steps_per_epoch=1))
+  """(params, step) of the latest checkpoint in `workdir` for `config`'s model, or None if there is none.
+
+  For a sweep (config.num_models > 1) every parameter has a leading [K] axis: model k is `params[...][k]`.
+  """
+  # Only the parameters are returned, so the schedule's length (steps per epoch) in this state does not matter.
+  if config.num_models > 1:
+    state = jax.eval_shape(lambda: create_sweep_state(config, steps_per_epoch=1))
+  else:
+    state = jax.eval_shape(lambda: create_train_state(config, jax.random.key(config.seed), steps_per_epoch=1))
+  abstract_state = _abstract(state, NamedSharding(device_mesh(), PartitionSpec()))
   with checkpoint_manager(workdir) as manager:
-    state = restore_checkpoint(manager, abstract_state, workdir)
-  return None if state is None else (state.params, int(state.step))
+    state = restore_checkpoint(manager, abstract_state, workdir, set_aside_corrupt=False)
+  return None if state is None else (state.params, int(np.max(state.step)))
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
@@ -345,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   """
   check_config(config)
   eval_split = 'validation' if config.validation_size else 'test'
-  mesh = jax.make_mesh((jax.device_count(),), ('batch',), axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = device_mesh()
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
   # On the devices once: every epoch and every evaluation gathers its batches there.
@@ -375,14 +409,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   else:
     state = create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
   state = jax.device_put(state, replicated)
-  learning_rates = np.reshape(state.opt_state.hyperparams['learning_rate'], -1)
   manager = checkpoint_manager(workdir, config.max_checkpoints_to_keep)
-  restored = restore_checkpoint(manager, jax.tree.map(_abstract(replicated), state), workdir)
+  # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
+  restored = restore_checkpoint(manager, _abstract(state, replicated), workdir, set_aside_corrupt=True)
   if restored is not None:
     state = restored
     logging.info('Resumed from the checkpoint at step %d.', int(np.max(state.step)))
   start_step = int(np.max(state.step))
   save_config(config, workdir, start_step)
+  learning_rates = np.asarray(jax.device_get(state.opt_state.hyperparams['learning_rate'])).reshape(-1)
 
   seeds = model_seeds(config) if sweep else config.seed
 
@@ -480,10 +515,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
 
 def _fmt(value: np.ndarray) -> str:
   return np.array2string(np.asarray(value), precision=4, floatmode='fixed', separator=' ')
-
-
-def _abstract(sharding):
-  return lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 FLAGS = flags.FLAGS

@@ -47,5 +47,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 0  # 0: evaluate at the end of every epoch.
   config.checkpoint_every_steps = 0  # 0: checkpoint at the end of every epoch.
   config.max_checkpoints_to_keep = 3
-  config.eval_batch_size = 500
+  config.eval_batch_size = 512  # A power of two divides over any usual device count.
   return config

@@ -156,8 +156,10 @@ def test_invalid_training_setting_is_named(overrides, message, tmp_path):
   assert not os.listdir(tmp_path)  # Refused before any work.
 
 
-@pytest.mark.parametrize('optimizer', train.OPTIMIZERS)
-@pytest.mark.parametrize('schedule', train.SCHEDULES)
+@pytest.mark.parametrize(
+  'optimizer, schedule',
+  [(optimizer, 'warmup_cosine') for optimizer in train.OPTIMIZERS] + [('adam', 'constant'), ('adam', 'cosine')],
+)
 def test_every_optimizer_and_schedule_decreases_the_loss(optimizer, schedule):
   config = short_config(
     optimizer=optimizer, schedule=schedule, warmup_epochs=0.5, weight_decay=1e-4, grad_clip_norm=1.0
@@ -230,3 +232,85 @@ def test_sigkill_then_rerun_resumes_bitwise_exactly(tmp_path):
   with open(workdir / 'config.json') as f:
     saved = json.load(f)
   assert (saved['num_epochs'], saved['checkpoint_every_steps'], saved['log_every_steps']) == (4, 10, 10)
+
+
+def assert_trees_close(a, b, atol):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=atol), a, b)
+
+
+def test_epoch_mode_trains_exactly_like_step_mode(short_run, tmp_path):
+  workdir, state, metrics = short_run
+  epoch_state, epoch_metrics = train.train_and_evaluate(
+    short_config(train_mode='epoch', checkpoint_every_steps=62), str(tmp_path)
+  )
+  assert_trees_close(epoch_state.params, state.params, atol=1e-6)
+  rows = read_metrics(str(tmp_path))
+  assert [(r['step'], r['split']) for r in rows] == [(r['step'], r['split']) for r in read_metrics(workdir)]
+  np.testing.assert_allclose([r['loss'] for r in rows], [r['loss'] for r in read_metrics(workdir)], rtol=1e-5)
+  assert epoch_metrics['test_accuracy'] == pytest.approx(metrics['test_accuracy'], abs=0.002)
+
+
+def test_epoch_mode_resumes_exactly_from_an_epoch_boundary(tmp_path):
+  config = short_config(train_mode='epoch', checkpoint_every_steps=62)
+  finished, _ = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  interrupted = shutil.copytree(tmp_path / 'run', tmp_path / 'interrupted')
+  shutil.move(interrupted / 'checkpoints' / '124', tmp_path / 'set_aside')  # As if stopped after epoch 1.
+  resumed, _ = train.train_and_evaluate(config, str(interrupted))
+  assert_trees_bitwise_equal(resumed.params, finished.params)
+
+
+def test_epoch_mode_refuses_a_cadence_inside_an_epoch(tmp_path):
+  with pytest.raises(ValueError, match=r'config\.checkpoint_every_steps=31 .* multiple of the 62 steps of an epoch'):
+    train.train_and_evaluate(short_config(train_mode='epoch'), str(tmp_path))
+
+
+def test_sweep_model_k_is_the_single_run_with_seed_k(short_run, tmp_path):
+  _, seed0, _ = short_run
+  seed1, _ = train.train_and_evaluate(short_config(seed=1), str(tmp_path / 'seed1'))
+  sweep, metrics = train.train_and_evaluate(short_config(num_models=2), str(tmp_path / 'sweep'))
+  assert_trees_close(jax.tree.map(lambda p: p[0], sweep.params), seed0.params, atol=1e-5)
+  assert_trees_close(jax.tree.map(lambda p: p[1], sweep.params), seed1.params, atol=1e-5)
+  assert metrics['test_accuracy'].shape == (2,)
+  last_test_rows = [r for r in read_metrics(str(tmp_path / 'sweep')) if r['split'] == 'test' and r['step'] == 124]
+  assert [r['model'] for r in last_test_rows] == [0, 1]
+  assert sorted(os.listdir(tmp_path / 'sweep' / 'model_1'))[0].startswith('events.out.tfevents')
+
+
+def test_sweep_gives_each_model_its_learning_rate(tmp_path):
+  config = short_config(num_models=2, learning_rates=(1e-3, 1e30), schedule='warmup_cosine', warmup_epochs=0.5)
+  with pytest.raises(train.NonFiniteLossError, match=r'loss of model 1 \(learning rate 1e\+30\) became'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+DATA_PARALLEL_SCRIPT = """
+import json, sys
+import jax
+import train
+from configs import default
+config = default.get_config()
+config.update(json.loads(sys.argv[2]))
+indivisible = config.copy_and_resolve_references()
+indivisible.batch_size = 60
+try:
+  train.train_and_evaluate(indivisible, sys.argv[1])
+except ValueError as error:
+  print(error)
+train.train_and_evaluate(config, sys.argv[1])
+print(jax.device_count(), 'devices')
+"""
+
+
+def test_data_parallel_over_8_devices_matches_one_device(short_run, tmp_path):
+  workdir, state, _ = short_run
+  environment = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  command = [sys.executable, '-c', DATA_PARALLEL_SCRIPT, str(tmp_path), json.dumps(SHORT_RUN)]
+  result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  assert 'config.batch_size=60 is not valid; it must divide evenly over the 8 devices' in result.stdout
+  assert result.stdout.strip().endswith('8 devices')
+  params, step = train.load_params(short_config(), str(tmp_path))
+  assert step == 124
+  assert_trees_close(params, state.params, atol=1e-5)
+  np.testing.assert_allclose(
+    [r['loss'] for r in read_metrics(str(tmp_path))], [r['loss'] for r in read_metrics(workdir)], rtol=1e-4
+  )
