@@ -8,20 +8,18 @@ The workdir holds `config.json`, `checkpoints/`, `metrics.jsonl` and TensorBoard
 """
 
 import functools
-import json
 import logging as std_logging
 import math
 import os
-import shutil
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-import tensorboardX
 from absl import app, flags, logging
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec
@@ -29,6 +27,7 @@ from ml_collections import config_flags
 
 import input_pipeline
 import model
+import workdir as workdir_lib
 
 OPTIMIZERS = ('sgd', 'momentum', 'adam', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'warmup_cosine')
@@ -37,10 +36,6 @@ TRAIN_MODES = ('step', 'epoch')
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or Inf."""
-
-
-class IncompatibleCheckpointError(ValueError):
-  """A workdir's checkpoint has parameters of other shapes than the config's model."""
 
 
 def create_learning_rate_schedule(
@@ -208,113 +203,43 @@ def train_step_on_data(
   return train_step(state, jax.lax.with_sharding_constraint(batch, batch_sharding))
 
 
+class TrainingFunctions(NamedTuple):
+  """The pure functions of a training run; the caller jits them (the state donated)."""
+
+  epoch_order: Callable  # epoch -> (keys, indices [S, B]), with a leading [K] for a sweep.
+  train_step: Callable  # (state, data, indices, keys, step) -> (state, metrics): one step on batch `step`.
+  train_epoch: Callable  # (state, data, epoch) -> (state, metrics [S]): a whole epoch in one lax.scan.
+
+
+def training_functions(
+  config: ml_collections.ConfigDict, num_examples: int, batch_sharding: NamedSharding
+) -> TrainingFunctions:
+  """Per-step and whole-epoch training on a split of `num_examples` held on the device, vmapped for a sweep."""
+  sweep = config.num_models > 1
+  seeds = model_seeds(config) if sweep else config.seed
+
+  def epoch_order(epoch):
+    def order(seed):
+      key = input_pipeline.epoch_key(seed, epoch)
+      return key, input_pipeline.shuffled_batch_indices(key, num_examples, config.batch_size)
+
+    return jax.vmap(order)(seeds) if sweep else order(seeds)
+
+  step = functools.partial(train_step_on_data, augment=config.augment, batch_sharding=batch_sharding)
+  if sweep:
+    step = jax.vmap(step, in_axes=(0, None, 0, 0, None))
+
+  def train_epoch(state, data, epoch):
+    keys, indices = epoch_order(epoch)
+    steps = jnp.arange(input_pipeline.steps_per_epoch(num_examples, config.batch_size))
+    return jax.lax.scan(lambda state, i: step(state, data, indices, keys, i), state, steps)
+
+  return TrainingFunctions(epoch_order, step, train_epoch)
+
+
 def evaluate(eval_fn, params: dict, data: dict, batch_size: int) -> dict[str, np.ndarray]:
   """Exact loss and accuracy over every example of `data` ([K] arrays for a sweep of K models)."""
   return summarize_metrics([eval_fn(params, batch) for batch in input_pipeline.eval_batches(data, batch_size)])
-
-
-class MetricWriter:
-  """Writes scalars as JSON lines to workdir/metrics.jsonl (appending on resume) and to TensorBoard.
-
-  A sweep of K models writes one row per model, with a "model" field, and a TensorBoard run per model
-  (workdir/model_<k>).
-  """
-
-  def __init__(self, workdir: str, num_models: int = 1):
-    path = os.path.join(workdir, 'metrics.jsonl')
-    ends_mid_line = False
-    if os.path.exists(path) and os.path.getsize(path):
-      with open(path, 'rb') as f:
-        f.seek(-1, os.SEEK_END)
-        ends_mid_line = f.read(1) != b'\n'
-    self._jsonl = open(path, 'a')
-    if ends_mid_line:
-      self._jsonl.write('\n')  # A run killed mid-write left a partial line; start on a fresh one.
-    logdirs = [workdir] if num_models == 1 else [os.path.join(workdir, f'model_{k}') for k in range(num_models)]
-    self._tensorboards = [tensorboardX.SummaryWriter(logdir) for logdir in logdirs]
-
-  def write(self, step: int, split: str, scalars: dict[str, np.ndarray]) -> None:
-    """Scalars of shape [] (one model) or [K] (a sweep)."""
-    sweep = len(self._tensorboards) > 1
-    for k, tensorboard in enumerate(self._tensorboards):
-      values = {name: float(np.reshape(value, -1)[k]) for name, value in scalars.items()}
-      self._jsonl.write(json.dumps({'step': step, 'split': split, **({'model': k} if sweep else {}), **values}) + '\n')
-      for name, value in values.items():
-        tensorboard.add_scalar(f'{split}/{name}', value, step)
-    self._jsonl.flush()
-
-  def close(self) -> None:
-    self._jsonl.close()
-    for tensorboard in self._tensorboards:
-      tensorboard.close()
-
-
-def _shapes(tree) -> dict:
-  return {
-    jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-  }
-
-
-def checkpoint_manager(workdir: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
-  """Orbax manager of workdir/checkpoints/<step>, each holding one TrainState."""
-  return ocp.CheckpointManager(
-    os.path.abspath(os.path.join(workdir, 'checkpoints')),
-    options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=max_to_keep is not None),
-    item_handlers=ocp.StandardCheckpointHandler(),
-  )
-
-
-def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
-  """Raises IncompatibleCheckpointError unless checkpoint `step` has the parameter shapes of `abstract_params`."""
-  expected, found = _shapes(abstract_params), _shapes(manager.item_metadata(step)['params'])
-  if expected != found:
-    differences = [
-      f'  {name}: checkpoint {found.get(name)}, config {expected.get(name)}'
-      for name in sorted(expected.keys() | found.keys())
-      if expected.get(name) != found.get(name)
-    ]
-    raise IncompatibleCheckpointError(
-      f'The checkpoint at step {step} in {manager.directory} belongs to a different model:\n'
-      + '\n'.join(differences)
-      + '\nUse a new --workdir for this config; the existing checkpoints were left untouched.'
-    )
-
-
-def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: str, *, set_aside_corrupt: bool):
-  """The latest checkpoint as a TrainState, or None when there is none.
-
-  A checkpoint of a different model is refused. With `set_aside_corrupt`, a latest checkpoint that cannot be read
-  is moved to workdir/corrupt_checkpoints/ (never deleted) and the previous one is used; a second unreadable one
-  stops the run, since that points to a cause other than an interrupted write.
-  """
-  set_aside = []
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      _check_compatible(manager, step, abstract_state.params)
-      return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except IncompatibleCheckpointError:
-      raise
-    except Exception as error:  # noqa: BLE001 -- any read failure means this checkpoint is unusable.
-      if not set_aside_corrupt or set_aside:
-        raise RuntimeError(
-          f'The checkpoint at step {step} in {manager.directory} cannot be read ({type(error).__name__}: {error}).'
-          + (
-            f' Checkpoint {set_aside[0]} was unreadable too and is in {workdir}/corrupt_checkpoints.'
-            if set_aside
-            else ''
-          )
-        ) from error
-      quarantine = os.path.join(workdir, 'corrupt_checkpoints', str(step))
-      logging.error(
-        'Checkpoint %d cannot be read (%s: %s); moving it to %s and resuming from the one before.',
-        step, type(error).__name__, error, quarantine,
-      )  # fmt: skip
-      os.makedirs(os.path.dirname(quarantine), exist_ok=True)
-      shutil.move(os.path.join(manager.directory, str(step)), quarantine)
-      manager.reload()
-      set_aside.append(step)
-  return None
 
 
 def _abstract(tree, sharding: NamedSharding):
@@ -338,23 +263,9 @@ def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, 
   else:
     state = jax.eval_shape(lambda: create_train_state(config, jax.random.key(config.seed), steps_per_epoch=1))
   abstract_state = _abstract(state, NamedSharding(device_mesh(), PartitionSpec()))
-  with checkpoint_manager(workdir) as manager:
-    state = restore_checkpoint(manager, abstract_state, workdir, set_aside_corrupt=False)
+  with workdir_lib.checkpoint_manager(workdir) as manager:
+    state = workdir_lib.restore_checkpoint(manager, abstract_state, workdir, set_aside_corrupt=False)
   return None if state is None else (state.params, int(np.max(state.step)))
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
-  """Saves config.json; a resumed run with a changed config adds config_step<N>.json beside it."""
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() == text:
-        return
-    path = os.path.join(workdir, f'config_step{step}.json')
-    logging.warning('The config differs from %s/config.json; saving this one as %s.', workdir, path)
-  with open(path, 'w') as f:
-    f.write(text)
 
 
 def _check_finite(pending: list[tuple[int, dict]], learning_rates: np.ndarray) -> None:
@@ -409,51 +320,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   else:
     state = create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
   state = jax.device_put(state, replicated)
-  manager = checkpoint_manager(workdir, config.max_checkpoints_to_keep)
+  manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
   # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
-  restored = restore_checkpoint(manager, _abstract(state, replicated), workdir, set_aside_corrupt=True)
+  restored = workdir_lib.restore_checkpoint(manager, _abstract(state, replicated), workdir, set_aside_corrupt=True)
   if restored is not None:
     state = restored
     logging.info('Resumed from the checkpoint at step %d.', int(np.max(state.step)))
   start_step = int(np.max(state.step))
-  save_config(config, workdir, start_step)
+  workdir_lib.save_config(config, workdir, start_step)
   learning_rates = np.asarray(jax.device_get(state.opt_state.hyperparams['learning_rate'])).reshape(-1)
 
-  seeds = model_seeds(config) if sweep else config.seed
-
-  def epoch_order(epoch):
-    """(keys, indices [S, B]) of an epoch, per model for a sweep."""
-
-    def order(seed):
-      key = input_pipeline.epoch_key(seed, epoch)
-      return key, input_pipeline.shuffled_batch_indices(key, num_train, config.batch_size)
-
-    return jax.vmap(order)(seeds) if sweep else order(seeds)
-
-  step_on_data = functools.partial(train_step_on_data, augment=config.augment, batch_sharding=batch_sharding)
+  functions = training_functions(config, num_train, batch_sharding)
   eval_on_batch = functools.partial(eval_step, apply_fn=state.apply_fn)
   if sweep:
-    step_on_data = jax.vmap(step_on_data, in_axes=(0, None, 0, 0, None))
     eval_on_batch = jax.vmap(eval_on_batch, in_axes=(0, None))
-
-  def train_epoch(state, data, epoch):
-    keys, indices = epoch_order(epoch)
-    return jax.lax.scan(lambda s, i: step_on_data(s, data, indices, keys, i), state, jnp.arange(steps_per_epoch))
-
   eval_fn = jax.jit(
     lambda params, batch: eval_on_batch(params, jax.lax.with_sharding_constraint(batch, batch_sharding))
   )
-  epoch_order = jax.jit(epoch_order)
+  epoch_order = jax.jit(functions.epoch_order)
   compile_start = time.perf_counter()
   if config.train_mode == 'epoch':
-    compiled_epoch = jax.jit(train_epoch, donate_argnums=0).lower(state, train_data, 0).compile()
+    compiled_epoch = jax.jit(functions.train_epoch, donate_argnums=0).lower(state, train_data, 0).compile()
   # A resumed epoch-mode run may start mid-epoch (from a step-mode checkpoint): it finishes that epoch by steps.
   if config.train_mode == 'step' or start_step % steps_per_epoch:
     keys, indices = epoch_order(start_step // steps_per_epoch)
-    compiled_step = jax.jit(step_on_data, donate_argnums=0).lower(state, train_data, indices, keys, 0).compile()
+    compiled_step = jax.jit(functions.train_step, donate_argnums=0).lower(state, train_data, indices, keys, 0).compile()
   compile_seconds = time.perf_counter() - compile_start
 
-  writer = MetricWriter(workdir, config.num_models)
+  writer = workdir_lib.MetricWriter(workdir, config.num_models)
   pending = []  # (step, metrics) not yet checked for NaN, logged or checkpointed.
   last_log_time, last_log_step = time.perf_counter(), start_step
 
@@ -487,7 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
       )
     if step % checkpoint_every == 0 or is_last:
       _check_finite(pending, learning_rates)
-      manager.save(step, args=ocp.args.StandardSave(state))
+      workdir_lib.save_checkpoint(manager, step, state)
 
   try:
     for epoch in range(start_step // steps_per_epoch, config.num_epochs):

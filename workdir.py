@@ -1,0 +1,147 @@
+"""A run's workdir: orbax checkpoints of its TrainState, its saved config and its metrics.
+
+    workdir/config.json         the config (a resumed run with a changed config adds config_step<N>.json)
+    workdir/checkpoints/<step>  orbax checkpoints, the newest config.max_checkpoints_to_keep
+    workdir/metrics.jsonl       {"step", "split", "loss", "accuracy"} per line (and "model" in a sweep)
+    workdir/events.out.*        the same scalars for TensorBoard (workdir/model_<k>/ per model of a sweep)
+
+Nothing a user wrote is overwritten or deleted: an unreadable checkpoint is moved to workdir/corrupt_checkpoints/.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorboardX
+from absl import logging
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A workdir's checkpoint has parameters of other shapes than the config's model."""
+
+
+def _shapes(tree) -> dict:
+  return {
+    jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+def checkpoint_manager(workdir: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+  """Orbax manager of workdir/checkpoints/<step>, each holding one TrainState."""
+  return ocp.CheckpointManager(
+    os.path.abspath(os.path.join(workdir, 'checkpoints')),
+    options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=max_to_keep is not None),
+    item_handlers=ocp.StandardCheckpointHandler(),
+  )
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state) -> None:
+  """Saves `state` as checkpoint `step` (in the background; `manager.wait_until_finished()` waits for it)."""
+  manager.save(step, args=ocp.args.StandardSave(state))
+
+
+def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
+  """Raises IncompatibleCheckpointError unless checkpoint `step` has the parameter shapes of `abstract_params`."""
+  expected, found = _shapes(abstract_params), _shapes(manager.item_metadata(step)['params'])
+  if expected != found:
+    differences = [
+      f'  {name}: checkpoint {found.get(name)}, config {expected.get(name)}'
+      for name in sorted(expected.keys() | found.keys())
+      if expected.get(name) != found.get(name)
+    ]
+    raise IncompatibleCheckpointError(
+      f'The checkpoint at step {step} in {manager.directory} belongs to a different model:\n'
+      + '\n'.join(differences)
+      + '\nUse a new --workdir for this config; the existing checkpoints were left untouched.'
+    )
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: str, *, set_aside_corrupt: bool):
+  """The latest checkpoint as a TrainState, or None when there is none.
+
+  A checkpoint of a different model is refused. With `set_aside_corrupt`, a latest checkpoint that cannot be read
+  is moved to workdir/corrupt_checkpoints/ (never deleted) and the previous one is used; a second unreadable one
+  stops the run, since that points to a cause other than an interrupted write.
+  """
+  set_aside = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      _check_compatible(manager, step, abstract_state.params)
+      return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except IncompatibleCheckpointError:
+      raise
+    except Exception as error:  # noqa: BLE001 -- any read failure means this checkpoint is unusable.
+      if not set_aside_corrupt or set_aside:
+        raise RuntimeError(
+          f'The checkpoint at step {step} in {manager.directory} cannot be read ({type(error).__name__}: {error}).'
+          + (
+            f' Checkpoint {set_aside[0]} was unreadable too and is in {workdir}/corrupt_checkpoints.'
+            if set_aside
+            else ''
+          )
+        ) from error
+      quarantine = os.path.join(workdir, 'corrupt_checkpoints', str(step))
+      logging.error(
+        'Checkpoint %d cannot be read (%s: %s); moving it to %s and resuming from the one before.',
+        step, type(error).__name__, error, quarantine,
+      )  # fmt: skip
+      os.makedirs(os.path.dirname(quarantine), exist_ok=True)
+      shutil.move(os.path.join(manager.directory, str(step)), quarantine)
+      manager.reload()
+      set_aside.append(step)
+  return None
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+  """Saves config.json; a resumed run with a changed config adds config_step<N>.json beside it."""
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+    path = os.path.join(workdir, f'config_step{step}.json')
+    logging.warning('The config differs from %s/config.json; saving this one as %s.', workdir, path)
+  with open(path, 'w') as f:
+    f.write(text)
+
+
+class MetricWriter:
+  """Writes scalars as JSON lines to workdir/metrics.jsonl (appending on resume) and to TensorBoard.
+
+  A sweep of K models writes one row per model, with a "model" field, and a TensorBoard run per model
+  (workdir/model_<k>).
+  """
+
+  def __init__(self, workdir: str, num_models: int = 1):
+    path = os.path.join(workdir, 'metrics.jsonl')
+    ends_mid_line = False
+    if os.path.exists(path) and os.path.getsize(path):
+      with open(path, 'rb') as f:
+        f.seek(-1, os.SEEK_END)
+        ends_mid_line = f.read(1) != b'\n'
+    self._jsonl = open(path, 'a')
+    if ends_mid_line:
+      self._jsonl.write('\n')  # A run killed mid-write left a partial line; start on a fresh one.
+    logdirs = [workdir] if num_models == 1 else [os.path.join(workdir, f'model_{k}') for k in range(num_models)]
+    self._tensorboards = [tensorboardX.SummaryWriter(logdir) for logdir in logdirs]
+
+  def write(self, step: int, split: str, scalars: dict[str, np.ndarray]) -> None:
+    """Scalars of shape [] (one model) or [K] (a sweep)."""
+    sweep = len(self._tensorboards) > 1
+    for k, tensorboard in enumerate(self._tensorboards):
+      values = {name: float(np.reshape(value, -1)[k]) for name, value in scalars.items()}
+      self._jsonl.write(json.dumps({'step': step, 'split': split, **({'model': k} if sweep else {}), **values}) + '\n')
+      for name, value in values.items():
+        tensorboard.add_scalar(f'{split}/{name}', value, step)
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    self._jsonl.close()
+    for tensorboard in self._tensorboards:
+      tensorboard.close()
