@@ -17,6 +17,7 @@ Two facts the code makes explicit:
 
 import collections
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -236,20 +237,36 @@ def layer_shapes(config: ml_collections.ConfigDict) -> 'collections.OrderedDict[
   return shapes
 
 
-def summary(config: ml_collections.ConfigDict) -> str:
-  """A table of every layer: output shape, kernel shape, parameter count and forward FLOPs per example."""
+class LayerInfo(NamedTuple):
+  name: str
+  output_shape: tuple[int, ...]  # For one example.
+  kernel_shape: tuple[int, ...]  # () for layers without parameters.
+  num_params: int
+  flops: int  # Forward FLOPs per example of the layer's multiply-adds (2 each).
+
+
+def layer_info(config: ml_collections.ConfigDict) -> list[LayerInfo]:
+  """Every layer from 'input' to the logits, with its shapes, parameter count and forward FLOPs."""
   params, outputs = _output_shapes(create_model(config), config.input_shape)
-  rows = [('input', tuple(config.input_shape), '', 0, 0)]
+  rows = [LayerInfo('input', tuple(config.input_shape), (), 0, 0)]
   for name, value in outputs.items():
     out_shape = tuple(value.shape[1:])
-    kernel = params[name]['kernel'].shape if name in params else ()
-    n_params = sum(int(np.prod(p.shape)) for p in params[name].values()) if name in params else 0
-    # A multiply-add is 2 FLOPs; each output value of a conv or dense layer costs one per kernel input.
+    kernel = tuple(params[name]['kernel'].shape) if name in params else ()
+    num_params = sum(int(np.prod(p.shape)) for p in params[name].values()) if name in params else 0
+    # Each output value of a conv or dense layer is one multiply-add per kernel input.
     flops = 2 * int(np.prod(out_shape)) * int(np.prod(kernel[:-1])) if kernel else 0
-    rows.append((name, out_shape, kernel, n_params, flops))
+    rows.append(LayerInfo(name, out_shape, kernel, num_params, flops))
+  return rows
+
+
+def summary(config: ml_collections.ConfigDict) -> str:
+  """A table of every layer: output shape, kernel shape, parameter count and forward FLOPs per example."""
+  rows = layer_info(config)
   header = ('layer', 'output shape', 'kernel shape', 'params', 'FLOPs')
-  table = [header] + [(n, str(s), str(k) if k else '', f'{p:,}', f'{f:,}') for n, s, k, p, f in rows]
-  table.append(('total', '', '', f'{sum(r[3] for r in rows):,}', f'{sum(r[4] for r in rows):,}'))
+  table = [header] + [
+    (r.name, str(r.output_shape), str(r.kernel_shape or ''), f'{r.num_params:,}', f'{r.flops:,}') for r in rows
+  ]
+  table.append(('total', '', '', f'{sum(r.num_params for r in rows):,}', f'{sum(r.flops for r in rows):,}'))
   widths = [max(len(row[i]) for row in table) for i in range(len(header))]
   lines = [
     '  '.join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))

@@ -411,19 +411,17 @@ def _fmt(value: np.ndarray) -> str:
   return np.array2string(np.asarray(value), precision=4, floatmode='fixed', separator=' ')
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the saved config.')
-config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/default.py.', lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Orbax narrates every checkpoint at INFO; keep its warnings, drop the chatter from the progress log.
   logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or '/orbax/' not in r.pathname)
-  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == '__main__':
+  # Defined here rather than at import, so that tools and notebooks importing train get no required flags.
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the saved config.')
+  config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/default.py.', lock_config=True)
+  flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -1,0 +1,180 @@
+"""Training throughput of tinycnn's step in each training mode, side by side with its PyTorch peer.
+
+    python benchmarks/throughput.py                       # the full table (several minutes)
+    python benchmarks/throughput.py --batch_sizes=128 --channels=1 --repeats=3
+
+A training step is forward, softmax cross-entropy, backward and an SGD-with-momentum update on data held in
+memory, exactly as train.py runs it (`train.training_functions`). Rows, per input channels C and batch size B:
+  step      one jitted call per batch (train_mode='step'), images/s
+  epoch     a whole epoch in one jitted lax.scan (train_mode='epoch'), images/s
+  sweep8    8 models in one vmapped step (num_models=8), model-images/s; compare with `step`, which is what 8
+            sequential runs would each reach
+  torch:*   benchmarks/torch_peer.py, when torch is installed (pip install -r benchmarks/requirements.txt)
+Warm-up is excluded; each variant is timed `--repeats` times, interleaved with the others so that machine noise
+hits all alike, and reported as median (min-max). The compile time of `train_step` is printed per (C, B). Results
+are also saved as JSON. The `peak` line times a 4096x4096 fp32 matmul, the machine's practical peak.
+"""
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model  # noqa: E402
+import train  # noqa: E402
+from configs import default  # noqa: E402
+
+try:
+  import torch_peer
+except ImportError:  # torch is a benchmark-only dependency.
+  torch_peer = None
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('batch_sizes', ['32', '128', '512', '2048'], 'Batch sizes B.')
+flags.DEFINE_list('channels', ['1', '3'], 'Input channels C.')
+flags.DEFINE_list('modes', ['step', 'epoch', 'sweep8'], 'tinycnn training modes to time.')
+flags.DEFINE_list('torch_variants', None, 'PyTorch peer variants (default: all of torch_peer.VARIANTS).')
+flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant.')
+flags.DEFINE_integer('images_per_repeat', 16384, 'Training images per timed repeat (at least 10 steps).')
+flags.DEFINE_integer('threads', 2, 'Threads for the PyTorch peer.')
+flags.DEFINE_string('output', 'benchmarks/results/throughput.json', 'Where to save the results as JSON.')
+
+SWEEP_MODELS = 8
+
+
+def training_flops_per_image(channels: int) -> int:
+  """Forward FLOPs of every conv/dense layer, twice more for the weight and input gradients, less conv1's input
+  gradient, which nothing needs."""
+  config = default.get_config()
+  config.input_shape = (32, 32, channels)
+  forward = {layer.name: layer.flops for layer in model.layer_info(config)}
+  return 3 * sum(forward.values()) - forward['conv1']
+
+
+def prepare_tinycnn(batch_size: int, channels: int, mode: str):
+  """Builds and warms up one mode; returns (run(repeat) -> (seconds, images), compile seconds)."""
+  steps = max(10, FLAGS.images_per_repeat // batch_size)
+  config = default.get_config()
+  config.update(
+    input_shape=(32, 32, channels), batch_size=batch_size, optimizer='momentum', learning_rate=0.01,
+    schedule='constant', num_models=SWEEP_MODELS if mode == 'sweep8' else 1,
+  )  # fmt: skip
+  rng = np.random.default_rng(0)
+  data = jax.device_put(
+    {
+      'image': rng.normal(size=(steps * batch_size, 32, 32, channels)).astype(np.float32),
+      'label': rng.integers(0, 10, steps * batch_size).astype(np.int32),
+    }
+  )
+  batch_sharding = NamedSharding(train.device_mesh(), PartitionSpec('batch'))
+  functions = train.training_functions(config, steps * batch_size, batch_sharding)
+  if mode == 'sweep8':
+    state = train.create_sweep_state(config, steps)
+  else:
+    state = train.create_train_state(config, jax.random.key(0), steps)
+  keys, indices = jax.jit(functions.epoch_order)(0)
+  start = time.perf_counter()
+  if mode == 'epoch':
+    compiled = jax.jit(functions.train_epoch, donate_argnums=0).lower(state, data, 0).compile()
+  else:
+    compiled = jax.jit(functions.train_step, donate_argnums=0).lower(state, data, indices, keys, 0).compile()
+  compile_seconds = time.perf_counter() - start
+  models = config.num_models
+
+  def run():
+    nonlocal state
+    start = time.perf_counter()
+    if mode == 'epoch':
+      state, metrics = compiled(state, data, 0)
+    else:
+      for step in range(steps):
+        state, metrics = compiled(state, data, indices, keys, step)
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - start, steps * batch_size * models
+
+  run()
+  return run, compile_seconds
+
+
+def prepare_torch(batch_size: int, channels: int, variant: str):
+  steps = max(10, FLAGS.images_per_repeat // batch_size)
+  run_steps = torch_peer.prepare(batch_size, channels, variant, threads=FLAGS.threads)
+  return lambda: (run_steps(steps), steps * batch_size), None
+
+
+def peak_gflops(size: int = 4096, repeats: int = 5) -> float:
+  """fp32 GFLOP/s of a size x size matmul, the best of `repeats`."""
+  a = jax.random.normal(jax.random.key(0), (size, size))
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best / 1e9
+
+
+def main(argv):
+  del argv
+  peak = peak_gflops()
+  device = f'{jax.devices()[0].device_kind} ({jax.default_backend()})'
+  print(f'{device}, jax {jax.__version__}; peak fp32 matmul {peak:.0f} GFLOP/s')
+  torch_variants = (FLAGS.torch_variants or list(torch_peer.VARIANTS)) if torch_peer else []
+  if not torch_peer:
+    print('torch is not installed: no PyTorch peer rows (pip install -r benchmarks/requirements.txt).')
+  results = []
+  for channels in map(int, FLAGS.channels):
+    flops = training_flops_per_image(channels)
+    for batch_size in map(int, FLAGS.batch_sizes):
+      runners = {}
+      for mode in FLAGS.modes:
+        runners[mode] = prepare_tinycnn(batch_size, channels, mode)
+      for variant in torch_variants:
+        try:
+          runners[f'torch:{variant}'] = prepare_torch(batch_size, channels, variant)
+        except Exception as error:  # noqa: BLE001 -- torch.compile needs a working toolchain; report, go on.
+          print(f'C={channels} B={batch_size} torch:{variant} failed: {type(error).__name__}: {error}'.splitlines()[0])
+      rates = {name: [] for name in runners}
+      for _ in range(FLAGS.repeats):
+        for name, (run, _) in runners.items():
+          seconds, images = run()
+          rates[name].append(images / seconds)
+      medians = {name: statistics.median(r) for name, r in rates.items()}
+      best_torch = max((m for n, m in medians.items() if n.startswith('torch:')), default=None)
+      for name, r in rates.items():
+        row = {
+          'channels': channels, 'batch_size': batch_size, 'variant': name,
+          'images_per_second_median': medians[name], 'images_per_second_min': min(r),
+          'images_per_second_max': max(r), 'compile_seconds': runners[name][1],
+          'ratio_to_best_torch': medians[name] / best_torch if best_torch else None,
+          'fraction_of_peak': medians[name] * flops / 1e9 / peak if not name.startswith('sweep') else None,
+        }  # fmt: skip
+        results.append(row)
+        print(
+          f'C={channels} B={batch_size:5} {name:28} {medians[name]:9.0f} img/s ({min(r):.0f}-{max(r):.0f})'
+          + (f'  x{row["ratio_to_best_torch"]:.2f} best torch' if best_torch else '')
+          + (f'  {100 * row["fraction_of_peak"]:.1f}% of peak' if row['fraction_of_peak'] else '')
+          + (f'  compile {row["compile_seconds"]:.2f} s' if row['compile_seconds'] else ''),
+          flush=True,
+        )
+  os.makedirs(os.path.dirname(FLAGS.output) or '.', exist_ok=True)
+  with open(FLAGS.output, 'w') as f:
+    machine = {'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(), 'cpu_count': os.cpu_count()}
+    json.dump(
+      {'machine': {**machine, 'platform': platform.platform(), 'peak_gflops': peak}, 'rows': results}, f, indent=1
+    )
+  print(f'Saved {FLAGS.output}')
+
+
+if __name__ == '__main__':
+  app.run(main)
