@@ -1,0 +1,92 @@
+"""The three experiments of explain.py with tiny settings: the facts they show hold, and each writes its PNG."""
+
+import jax
+import jax.numpy as jnp
+import matplotlib.image
+import numpy as np
+import pytest
+
+import explain
+import model
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+# One epoch of the 4,000 embedded training digits at batch 64.
+STEPS = 62
+
+
+def assert_png(path):
+  with open(path, 'rb') as f:
+    assert f.read(8) == PNG_SIGNATURE
+  assert np.std(matplotlib.image.imread(path)[..., :3]) > 0.05
+
+
+def test_flatten_orders_follow_one_loss_curve(tmp_path):
+  results = explain.flatten(str(tmp_path), num_epochs=1, num_seeds=2)
+  # The fact: the same initial function trained on the same batches, whatever the flatten order.
+  assert results['max_abs_loss_difference'] < 1e-5
+  assert set(results['loss_curves']) == {'hwc', 'chw', 'random'}
+  for order, curve in results['loss_curves'].items():
+    assert curve.shape == (STEPS,)
+    assert curve[-1] < curve[0] / 3, order  # It did learn: the loss starts near ln(10) = 2.3.
+    assert len(results['test_accuracy'][order]) == 2
+    assert min(results['test_accuracy'][order]) > 0.6  # Chance is 0.1.
+  assert_png(results['png'])
+
+
+def test_channels_real_conv_and_misreading_are_different_functions(tmp_path):
+  results = explain.channels(str(tmp_path), num_epochs=1)
+  # real: conv1 5*5*3*3 + 3 = 228, conv2 5*5*3*6 + 6 = 456, fc1 150*100 + 100 = 15,100, fc2 100*10 + 10 = 1,010.
+  # misreading: conv1's shared 2D filters are 5*5*1*3 + 3 = 78; the rest is the same.
+  assert results['params'] == {'real': 228 + 456 + 15_100 + 1_010, 'misread': 78 + 456 + 15_100 + 1_010}
+  assert results['params'] == {'real': 16_794, 'misread': 16_644}
+  difference = results['max_logit_difference']
+  assert difference['grey'] < 1e-4  # The matched weights agree where all channels are equal ...
+  assert difference['tinted'] > 1e-2  # ... and not once the channels differ.
+  assert difference['mixed'] > 0.1
+  for accuracy in results['test_accuracy'].values():
+    assert accuracy > 0.5
+  assert_png(results['png'])
+
+
+def test_per_channel_logits_of_a_grey_image_are_the_one_channel_networks():
+  config = explain.make_config(1)
+  cnn = model.create_model(config)
+  params = model.init_params(config, jax.random.key(0))
+  grey = jax.random.normal(jax.random.key(1), (2, 32, 32, 1))
+  misread = explain.per_channel_logits(cnn, {'params': params}, jnp.repeat(grey, 3, axis=-1))
+  np.testing.assert_allclose(misread, cnn.apply({'params': params}, grey), atol=1e-5)
+
+
+def test_colourise_tints_the_ink_and_keeps_the_background_black():
+  images = np.zeros((5, 32, 32, 1), np.float32) - 0.4  # Background at the minimum, as after normalisation.
+  images[:, 10:20, 12, 0] = 3.0
+  rgb, colours = explain.colourise(images, seed=0)
+  assert rgb.shape == (5, 32, 32, 3)
+  np.testing.assert_array_equal(rgb[:, 0, 0], 0)
+  np.testing.assert_allclose(rgb[:, 15, 12], colours)
+  np.testing.assert_allclose(colours.max(axis=1), 1)
+
+
+def test_shift_images_moves_within_the_frame_without_wrapping():
+  images = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  right = explain.shift_images(images, 0, 1, fill=-1.0)[0, ..., 0]
+  np.testing.assert_array_equal(right[:, 0], -1)
+  np.testing.assert_array_equal(right[:, 1:], images[0, :, :3, 0])
+  up = explain.shift_images(images, -2, 0, fill=-1.0)[0, ..., 0]
+  np.testing.assert_array_equal(up[:2], images[0, 2:, :, 0])
+  np.testing.assert_array_equal(up[2:], -1)
+
+
+def test_invariance_similarities(tmp_path):
+  results = explain.invariance(str(tmp_path), num_epochs=1, max_shift=2, num_images=100)
+  assert results['shifts'] == [0, 1, 2]
+  for name in ('trained', 'untrained'):
+    assert set(results['similarity'][name]) == set(explain.INVARIANCE_LAYERS)
+    for layer, values in results['similarity'][name].items():
+      assert values[0] == pytest.approx(1, abs=1e-5), (name, layer)
+      assert all(-1 - 1e-6 <= v <= 1 + 1e-6 for v in values), (name, layer)
+      assert -1 - 1e-6 <= results['other_digit'][name][layer] <= 1 + 1e-6
+    assert results['agreement'][name][0] == 1
+  # The digits have a 2-pixel zero border, so shifts of up to 2 pixels lose no ink.
+  assert results['ink_lost'] == [0, 0, 0]
+  assert_png(results['png'])

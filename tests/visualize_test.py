@@ -1,0 +1,96 @@
+"""visualize.py on a workdir without a checkpoint and on a one-epoch run: every PNG is written, valid and not blank."""
+
+import json
+import os
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+import train
+import visualize
+from configs import default
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+LAYER_PICTURES = [
+  '00_input.png',
+  '01_conv1_filters.png',
+  '02_conv1.png',
+  '03_pool1.png',
+  '04_conv2_filters.png',
+  '05_conv2.png',
+  '06_pool2.png',
+  '07_flatten.png',
+  '08_fc1.png',
+  '09_probabilities.png',
+]
+
+
+def assert_png_not_blank(path):
+  with open(path, 'rb') as f:
+    assert f.read(8) == PNG_SIGNATURE, path
+  pixels = matplotlib.image.imread(path)[..., :3]  # float [H, W, 3] in [0, 1]
+  assert min(pixels.shape[:2]) >= 200, path
+  assert pixels.std() > 0.05, path
+  # Not one colour, nor only text on white: the images, maps and bars add many colours.
+  assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, path
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  """One epoch of training with a non-default flatten order, so config.json is not the default config."""
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  config = default.get_config()
+  config.update({'num_epochs': 1, 'log_every_steps': 20})
+  config.model.flatten_order = 'chw'
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_fresh_init_draws_every_layer(tmp_path):
+  workdir = str(tmp_path / 'no_checkpoint')
+  paths = visualize.write_pictures(workdir, out_dir=str(tmp_path / 'pictures'), index=3)
+  assert [os.path.basename(p) for p in paths] == LAYER_PICTURES  # No metrics.jsonl, so no learning curves.
+  for path in paths:
+    assert os.path.dirname(path) == str(tmp_path / 'pictures')
+    assert_png_not_blank(path)
+
+
+def test_fresh_init_is_named_as_such(tmp_path):
+  _, source = visualize.load_params(default.get_config(), str(tmp_path))
+  assert source.startswith('FRESH INIT')
+
+
+def test_trained_run_draws_every_layer_and_the_learning_curves(trained_workdir):
+  paths = visualize.write_pictures(trained_workdir)
+  assert [os.path.basename(p) for p in paths] == [*LAYER_PICTURES, '10_learning_curves.png']
+  for path in paths:
+    assert os.path.dirname(path) == os.path.join(trained_workdir, 'pictures')
+    assert_png_not_blank(path)
+  _, source = visualize.load_params(visualize.load_config(trained_workdir), trained_workdir)
+  assert source == 'checkpoint at step 62'
+
+
+def test_config_json_is_loaded_with_tuples(trained_workdir):
+  config = visualize.load_config(trained_workdir)
+  assert config.model.flatten_order == 'chw'
+  assert config.input_shape == (32, 32, 1)
+  assert config.model.conv_features == (3, 6)
+  assert config.model.hidden_features == (100,)
+
+
+def test_later_metrics_lines_supersede_earlier_ones(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  rows = [
+    {'step': 10, 'split': 'train', 'loss': 2.0, 'accuracy': 0.1},
+    {'step': 20, 'split': 'test', 'loss': 1.0, 'accuracy': 0.5},
+    {'step': 10, 'split': 'train', 'loss': 1.5, 'accuracy': 0.2},  # A resumed run rewrote step 10.
+  ]
+  path.write_text(''.join(json.dumps(row) + '\n' for row in rows) + '{"step": 30, "spl\n')
+  metrics = visualize.read_metrics(str(path))
+  assert metrics == {'train': {10: rows[2]}, 'test': {20: rows[1]}}
+
+
+def test_invalid_index_names_the_range(tmp_path):
+  with pytest.raises(ValueError, match=r'index=1000 .* examples 0 to 999'):
+    visualize.write_pictures(str(tmp_path), index=1000)

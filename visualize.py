@@ -1,0 +1,265 @@
+"""Pictures of one test digit flowing through the network: one PNG per stage, from the input to the probabilities.
+
+    python visualize.py --workdir=runs/default [--out_dir=runs/default/pictures] [--index=0]
+
+The config comes from <workdir>/config.json (else configs/default.py) and the parameters from the workdir's latest
+checkpoint; without one, a fresh init is drawn and every title says so. The image is test example --index of the
+config's dataset. When <workdir>/metrics.jsonl exists, the learning curves are drawn too.
+"""
+
+import json
+import logging as std_logging
+import os
+import textwrap
+
+import jax
+import matplotlib
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+import input_pipeline
+import model
+import train
+from configs import default
+
+matplotlib.use('Agg')  # Files only; there is no display.
+from matplotlib import pyplot as plt  # noqa: E402 -- must follow the backend choice.
+
+
+def _tuples(value):
+  """JSON turns the config's tuples (input_shape, conv_features, ...) into lists; the model needs them back."""
+  if isinstance(value, dict):
+    return {key: _tuples(item) for key, item in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(item) for item in value)
+  return value
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config saved in workdir/config.json, or the default config when there is none."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    logging.info('No %s; using configs/default.py.', path)
+    return default.get_config()
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
+def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, str]:
+  """(params, a description of where they came from for the titles): the latest checkpoint, else a fresh init."""
+  loaded = train.load_params(config, workdir)
+  if loaded is None:
+    logging.warning('No checkpoint in %s: drawing a fresh init (seed %d).', workdir, config.seed)
+    return model.init_params(config, jax.random.key(config.seed)), f'FRESH INIT (no checkpoint), seed {config.seed}'
+  params, step = loaded
+  return params, f'checkpoint at step {step}'
+
+
+def read_metrics(path: str) -> dict[str, dict[int, dict]]:
+  """{split: {step: {'loss', 'accuracy'}}} from a metrics.jsonl; a later line for a step supersedes an earlier one."""
+  metrics = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # A run killed mid-write leaves a partial line; the writer starts a fresh one after it.
+      metrics.setdefault(row['split'], {})[row['step']] = row
+  return metrics
+
+
+def _shape(array) -> str:
+  return '[' + ', '.join(map(str, np.shape(array))) + ']'
+
+
+def _save(fig, title: str, source: str, path: str) -> str:
+  width = int(fig.get_figwidth() * 13)  # Characters of an 11-point title per inch at 100 dpi, so none is cut off.
+  fig.suptitle('\n'.join([*textwrap.wrap(title, width), source]), fontsize=11)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  logging.info('Wrote %s', path)
+  return path
+
+
+def _draw_maps(maps: np.ndarray, label: str = 'channel', cmap: str = 'viridis'):
+  """[H, W, C] -> a figure of C panels on one colour scale, titled `label` 0, 1, ..."""
+  channels = maps.shape[-1]
+  figsize = (max(2.3 * channels + 1, 5), 3.2)
+  fig, axes = plt.subplots(1, channels, figsize=figsize, squeeze=False, layout='constrained')
+  low, high = float(maps.min()), float(maps.max())
+  for c, ax in enumerate(axes[0]):
+    shown = ax.imshow(maps[..., c], cmap=cmap, vmin=low, vmax=high)
+    ax.set(xticks=[], yticks=[], title=f'{label} {c}')
+  fig.colorbar(shown, ax=list(axes[0]), shrink=0.8)
+  return fig
+
+
+def _draw_input(image: np.ndarray):
+  """[H, W, C]: grey for one channel, colour for three (each rescaled to [0, 1] for display)."""
+  if image.shape[-1] != 3:
+    return _draw_maps(image, cmap='gray')
+  fig, ax = plt.subplots(figsize=(5, 4), layout='constrained')
+  ax.imshow((image - image.min()) / max(float(image.max() - image.min()), 1e-12))
+  ax.set(xticks=[], yticks=[])
+  return fig
+
+
+def _draw_filters(kernel: np.ndarray):
+  """[kh, kw, C_in, C_out] -> a C_out x C_in grid: one row per filter, one kh x kw slice per input channel."""
+  _, _, c_in, c_out = kernel.shape
+  fig, axes = plt.subplots(
+    c_out, c_in, figsize=(max(1.5 * c_in + 2.5, 5), 1.3 * c_out + 1.2), squeeze=False, layout='constrained'
+  )
+  limit = float(np.abs(kernel).max())  # Symmetric, so white is 0 and red/blue are the signs.
+  for f in range(c_out):
+    for c in range(c_in):
+      shown = axes[f, c].imshow(kernel[:, :, c, f], cmap='RdBu_r', vmin=-limit, vmax=limit)
+      axes[f, c].set(xticks=[], yticks=[])
+      if f == 0:
+        axes[f, c].set_title(f'input ch {c}', fontsize=9)
+    axes[f, 0].set_ylabel(f'filter {f}', fontsize=9)
+  fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6)
+  return fig
+
+
+def _draw_flatten(vector: np.ndarray, volume_shape: tuple, perm: np.ndarray):
+  """[D] -> bars coloured by the channel of the [h, w, c] volume each value comes from (`perm`: its hwc index)."""
+  _, w, c = volume_shape
+  source_channel = perm % c
+  fig, ax = plt.subplots(figsize=(13, 3.4), layout='constrained')
+  for channel in range(c):
+    where = np.flatnonzero(source_channel == channel)
+    ax.bar(where, vector[where], width=1.0, color=f'C{channel}', label=f'channel {channel}')
+  ax.set(xlim=(-1, len(vector)), xlabel='position in the flattened vector', ylabel='value')
+  ax.legend(title='source channel', fontsize=8, loc='center left', bbox_to_anchor=(1.0, 0.5))
+  rows = perm // (w * c)
+  starts = np.flatnonzero(np.diff(rows)) + 1
+  if len(starts) < 10:  # Orders that keep each row h together ('hwc'): mark where each row begins.
+    for start in [0, *starts]:
+      ax.axvline(start - 0.5, color='0.6', lw=0.8, ls=':')
+      ax.text(start, 1.0, f' h={rows[start]}', transform=ax.get_xaxis_transform(), va='top', fontsize=8)
+  first = ', '.join(f'({i // c // w},{i // c % w},{i % c})' for i in perm[:4])
+  ax.set_title(f'positions 0, 1, 2, 3, ... hold the values at (h, w, c) = {first}, ...', fontsize=9)
+  return fig
+
+
+def _draw_bars(values: np.ndarray, xlabel: str, highlight: int | None = None):
+  fig, ax = plt.subplots(figsize=(10 if len(values) > 20 else 6, 3.4), layout='constrained')
+  colors = ['C1' if i == highlight else 'C0' for i in range(len(values))]
+  ax.bar(np.arange(len(values)), values, color=colors)
+  ax.set(xlabel=xlabel, xlim=(-1, len(values)))
+  if len(values) <= 20:
+    ax.set_xticks(np.arange(len(values)))
+  return fig
+
+
+def _draw_learning_curves(metrics: dict[str, dict[int, dict]]):
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), layout='constrained')
+  for split, rows in sorted(metrics.items()):
+    steps = sorted(rows)
+    for ax, name in zip(axes, ('loss', 'accuracy'), strict=True):
+      ax.plot(steps, [rows[s][name] for s in steps], 'o-' if split == 'test' else '-', ms=3, label=split)
+  for ax, name in zip(axes, ('loss', 'accuracy'), strict=True):
+    ax.set(xlabel='step', ylabel=name, title=name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  return fig
+
+
+def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0) -> list[str]:
+  """Draws test example `index` through the network of `workdir`; returns the paths of the PNGs written."""
+  out_dir = out_dir or os.path.join(workdir, 'pictures')
+  config = load_config(workdir)
+  params, source = load_params(config, workdir)
+  data = input_pipeline.load_split(config, 'test')
+  if not 0 <= index < len(data['label']):
+    raise ValueError(f'index={index} is not valid; the {config.dataset} test split has examples 0 to '
+                     f'{len(data["label"]) - 1}.')  # fmt: skip
+  image, label = data['image'][index], int(data['label'][index])
+  cnn = model.create_model(config)
+  outputs = cnn.apply({'params': params}, image[None], method=model.CNN.layer_outputs)
+  outputs = {name: np.asarray(value[0]) for name, value in outputs.items()}
+  shapes = model.layer_shapes(config)
+  names = list(outputs)
+  logits_name = names[-1]
+  activation = config.model.activation
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+
+  def save(fig, name, title):
+    paths.append(_save(fig, title, source, os.path.join(out_dir, f'{len(paths):02d}_{name}.png')))
+
+  save(_draw_input(image), 'input', f'input {_shape(image)}: {config.dataset} test image {index}, label {label}')
+  for i, name in enumerate(names):
+    value = outputs[name]
+    if name.startswith('conv'):
+      kernel = np.asarray(params[name]['kernel'])
+      kh, kw, c_in, c_out = kernel.shape
+      title = (
+        f'{name} filters {_shape(kernel)} (kh, kw, C_in, C_out): each of the {c_out} filters is one {kh}x{kw}x{c_in} '
+        f'volume\nspanning all {c_in} input channel(s); a row shows its {c_in} slice(s), whose products are summed'
+      )
+      save(_draw_filters(kernel), f'{name}_filters', title)
+      save(
+        _draw_maps(value, label='map of filter'),
+        name,
+        f'{name} output {_shape(value)}: one map per filter, after {activation}',
+      )
+    elif name.startswith('pool'):
+      window = config.model.pool_window
+      save(_draw_maps(value), name, f'{name} {_shape(value)}: {config.model.pool} over {window}x{window} blocks')
+    elif name == 'flatten':
+      volume = shapes[names[i - 1]]
+      perm = model.flatten_permutation(config.model.flatten_order, volume, config.model.flatten_seed)
+      title = (
+        f'flatten {_shape(value)}: the {"x".join(map(str, volume))} volume of {names[i - 1]} as one vector, '
+        f"in '{config.model.flatten_order}' order"
+      )
+      save(_draw_flatten(value, volume, perm), name, title)
+    elif name != logits_name:
+      active = int(np.sum(value > 0))
+      title = f'{name} {_shape(value)} after {activation}: {active} of {len(value)} positive'
+      save(_draw_bars(value, 'unit'), name, title)
+  probabilities = np.asarray(jax.nn.softmax(outputs[logits_name]))
+  predicted = int(np.argmax(probabilities))
+  title = (
+    f'class probabilities {_shape(probabilities)} (softmax of {logits_name}): label {label} (orange), '
+    f'predicted {predicted} (p = {probabilities[predicted]:.3f})'
+  )
+  fig = _draw_bars(probabilities, 'class', highlight=label)
+  fig.axes[0].set(ylim=(0, 1), ylabel='probability')
+  save(fig, 'probabilities', title)
+
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(metrics_path):
+    save(_draw_learning_curves(read_metrics(metrics_path)), 'learning_curves', f'learning curves ({metrics_path})')
+  return paths
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """This tool's flags, defined only when it runs as a program: importing train defines train's own --config and
+  --workdir as required flags, which are removed here first and must stay intact for any other importer."""
+  for name in ('config', 'workdir'):
+    if name in FLAGS:
+      delattr(FLAGS, name)
+  flags.DEFINE_string('workdir', None, 'A training workdir (config.json, checkpoints/, metrics.jsonl).')
+  flags.DEFINE_string('out_dir', None, 'Where to write the PNGs; default <workdir>/pictures.')
+  flags.DEFINE_integer('index', 0, 'Which test example to draw.')
+  flags.mark_flag_as_required('workdir')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # As train.py does: orbax narrates every checkpoint read at INFO; keep its warnings only.
+  logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or '/orbax/' not in r.pathname)
+  write_pictures(FLAGS.workdir, FLAGS.out_dir, FLAGS.index)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
