@@ -1,6 +1,6 @@
 """Pictures of one test digit flowing through the network: one PNG per stage, from the input to the probabilities.
 
-    python visualize.py --workdir=runs/default [--out_dir=runs/default/pictures] [--index=0]
+    python visualize.py --workdir=runs/default [--out_dir=runs/default/pictures] [--index=0] [--model=0]
 
 The config comes from <workdir>/config.json (else configs/default.py) and the parameters from the workdir's latest
 checkpoint; without one, a fresh init is drawn and every title says so. The image is test example --index of the
@@ -46,18 +46,29 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_tuples(json.load(f)))
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, str]:
-  """(params, a description of where they came from for the titles): the latest checkpoint, else a fresh init."""
+def load_params(config: ml_collections.ConfigDict, workdir: str, model_index: int = 0) -> tuple[dict, str]:
+  """(params, where they came from, for the titles): the latest checkpoint, else a fresh init.
+
+  A sweep (config.num_models = K > 1) checkpoints K models; model `model_index` is taken, whose seed is seed + k.
+  """
+  num_models = config.get('num_models', 1)
+  if not 0 <= model_index < num_models:
+    raise ValueError(f'model={model_index} is not valid; the workdir holds models 0 to {num_models - 1}.')
+  of_sweep = f', model {model_index} of {num_models}' if num_models > 1 else ''
   loaded = train.load_params(config, workdir)
   if loaded is None:
-    logging.warning('No checkpoint in %s: drawing a fresh init (seed %d).', workdir, config.seed)
-    return model.init_params(config, jax.random.key(config.seed)), f'FRESH INIT (no checkpoint), seed {config.seed}'
+    seed = config.seed + model_index
+    logging.warning('No checkpoint in %s: drawing a fresh init (seed %d).', workdir, seed)
+    return model.init_params(config, jax.random.key(seed)), f'FRESH INIT (no checkpoint), seed {seed}{of_sweep}'
   params, step = loaded
-  return params, f'checkpoint at step {step}'
+  if num_models > 1:
+    params = jax.tree.map(lambda p: p[model_index], params)
+  return params, f'checkpoint at step {step}{of_sweep}'
 
 
-def read_metrics(path: str) -> dict[str, dict[int, dict]]:
-  """{split: {step: {'loss', 'accuracy'}}} from a metrics.jsonl; a later line for a step supersedes an earlier one."""
+def read_metrics(path: str, model_index: int = 0) -> dict[str, dict[int, dict]]:
+  """{split: {step: {'loss', 'accuracy'}}} of one model from a metrics.jsonl (a sweep's rows carry a "model"); a
+  later line for a step supersedes an earlier one."""
   metrics = {}
   with open(path) as f:
     for line in f:
@@ -65,7 +76,8 @@ def read_metrics(path: str) -> dict[str, dict[int, dict]]:
         row = json.loads(line)
       except json.JSONDecodeError:
         continue  # A run killed mid-write leaves a partial line; the writer starts a fresh one after it.
-      metrics.setdefault(row['split'], {})[row['step']] = row
+      if row.get('model', 0) == model_index:
+        metrics.setdefault(row['split'], {})[row['step']] = row
   return metrics
 
 
@@ -167,11 +179,12 @@ def _draw_learning_curves(metrics: dict[str, dict[int, dict]]):
   return fig
 
 
-def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0) -> list[str]:
-  """Draws test example `index` through the network of `workdir`; returns the paths of the PNGs written."""
+def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, model_index: int = 0) -> list[str]:
+  """Draws test example `index` through the network of `workdir` (model `model_index` of a sweep); returns the paths
+  of the PNGs written."""
   out_dir = out_dir or os.path.join(workdir, 'pictures')
   config = load_config(workdir)
-  params, source = load_params(config, workdir)
+  params, source = load_params(config, workdir, model_index)
   data = input_pipeline.load_split(config, 'test')
   if not 0 <= index < len(data['label']):
     raise ValueError(f'index={index} is not valid; the {config.dataset} test split has examples 0 to '
@@ -233,23 +246,9 @@ def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0) -> 
 
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   if os.path.exists(metrics_path):
-    save(_draw_learning_curves(read_metrics(metrics_path)), 'learning_curves', f'learning curves ({metrics_path})')
+    curves = _draw_learning_curves(read_metrics(metrics_path, model_index))
+    save(curves, 'learning_curves', f'learning curves ({metrics_path})')
   return paths
-
-
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-  """This tool's flags, defined only when it runs as a program: importing train defines train's own --config and
-  --workdir as required flags, which are removed here first and must stay intact for any other importer."""
-  for name in ('config', 'workdir'):
-    if name in FLAGS:
-      delattr(FLAGS, name)
-  flags.DEFINE_string('workdir', None, 'A training workdir (config.json, checkpoints/, metrics.jsonl).')
-  flags.DEFINE_string('out_dir', None, 'Where to write the PNGs; default <workdir>/pictures.')
-  flags.DEFINE_integer('index', 0, 'Which test example to draw.')
-  flags.mark_flag_as_required('workdir')
 
 
 def main(argv):
@@ -257,9 +256,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # As train.py does: orbax narrates every checkpoint read at INFO; keep its warnings only.
   logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or '/orbax/' not in r.pathname)
-  write_pictures(FLAGS.workdir, FLAGS.out_dir, FLAGS.index)
+  write_pictures(flags.FLAGS.workdir, flags.FLAGS.out_dir, flags.FLAGS.index, flags.FLAGS.model)
 
 
 if __name__ == '__main__':
-  define_flags()
+  # Defined here rather than at import, as in train.py, so that importing this module defines no flags.
+  flags.DEFINE_string('workdir', None, 'A training workdir (config.json, checkpoints/, metrics.jsonl).')
+  flags.DEFINE_string('out_dir', None, 'Where to write the PNGs; default <workdir>/pictures.')
+  flags.DEFINE_integer('index', 0, 'Which test example to draw.')
+  flags.DEFINE_integer('model', 0, 'Which model of a sweep (config.num_models > 1) to draw.')
+  flags.mark_flag_as_required('workdir')
   app.run(main)

@@ -91,6 +91,22 @@ def test_later_metrics_lines_supersede_earlier_ones(tmp_path):
   assert metrics == {'train': {10: rows[2]}, 'test': {20: rows[1]}}
 
 
+def test_a_sweeps_metrics_are_read_per_model(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  rows = [{'step': 20, 'split': 'train', 'model': k, 'loss': 2.0 - k, 'accuracy': 0.1 * k} for k in range(2)]
+  path.write_text(''.join(json.dumps(row) + '\n' for row in rows))
+  assert visualize.read_metrics(str(path), model_index=1) == {'train': {20: rows[1]}}
+
+
+def test_a_sweeps_fresh_init_is_model_k_with_seed_plus_k(tmp_path):
+  config = default.get_config()
+  config.num_models = 2
+  _, source = visualize.load_params(config, str(tmp_path), model_index=1)
+  assert source == 'FRESH INIT (no checkpoint), seed 1, model 1 of 2'
+  with pytest.raises(ValueError, match=r'model=2 .* models 0 to 1'):
+    visualize.load_params(config, str(tmp_path), model_index=2)
+
+
 def test_invalid_index_names_the_range(tmp_path):
   with pytest.raises(ValueError, match=r'index=1000 .* examples 0 to 999'):
     visualize.write_pictures(str(tmp_path), index=1000)
