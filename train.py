@@ -8,7 +8,6 @@ The workdir holds `config.json`, `checkpoints/`, `metrics.jsonl` and TensorBoard
 """
 
 import functools
-import logging as std_logging
 import math
 import os
 import time
@@ -414,8 +413,7 @@ def _fmt(value: np.ndarray) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Orbax narrates every checkpoint at INFO; keep its warnings, drop the chatter from the progress log.
-  logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or '/orbax/' not in r.pathname)
+  workdir_lib.quiet_orbax_logging()
   train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

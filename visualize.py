@@ -8,7 +8,6 @@ config's dataset. When <workdir>/metrics.jsonl exists, the learning curves are d
 """
 
 import json
-import logging as std_logging
 import os
 import textwrap
 
@@ -21,6 +20,7 @@ from absl import app, flags, logging
 import input_pipeline
 import model
 import train
+import workdir as workdir_lib
 from configs import default
 
 matplotlib.use('Agg')  # Files only; there is no display.
@@ -254,8 +254,7 @@ def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, mod
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # As train.py does: orbax narrates every checkpoint read at INFO; keep its warnings only.
-  logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or '/orbax/' not in r.pathname)
+  workdir_lib.quiet_orbax_logging()
   write_pictures(flags.FLAGS.workdir, flags.FLAGS.out_dir, flags.FLAGS.index, flags.FLAGS.model)
 
 

@@ -9,6 +9,7 @@ Nothing a user wrote is overwritten or deleted: an unreadable checkpoint is move
 """
 
 import json
+import logging as std_logging
 import os
 import shutil
 
@@ -18,6 +19,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorboardX
 from absl import logging
+
+
+def quiet_orbax_logging() -> None:
+  """Keeps orbax's warnings in the absl log but drops the INFO lines it writes for every checkpoint read or write.
+
+  For a program's `main`: it changes the process-wide absl handler.
+  """
+  logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or '/orbax/' not in r.pathname)
 
 
 class IncompatibleCheckpointError(ValueError):
