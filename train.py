@@ -414,6 +414,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   workdir_lib.quiet_orbax_logging()
+  if flags.FLAGS.multihost:
+    jax.distributed.initialize()  # Finds the coordinator from JAX_COORDINATOR_ADDRESS etc., a TPU pod or SLURM.
   train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
@@ -421,5 +423,6 @@ if __name__ == '__main__':
   # Defined here rather than at import, so that tools and notebooks importing train get no required flags.
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the saved config.')
   config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/default.py.', lock_config=True)
+  flags.DEFINE_bool('multihost', False, 'Run one process per host, joined by jax.distributed.initialize().')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

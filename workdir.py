@@ -124,10 +124,13 @@ class MetricWriter:
   """Writes scalars as JSON lines to workdir/metrics.jsonl (appending on resume) and to TensorBoard.
 
   A sweep of K models writes one row per model, with a "model" field, and a TensorBoard run per model
-  (workdir/model_<k>).
+  (workdir/model_<k>). In a multi-host run only process 0 writes.
   """
 
   def __init__(self, workdir: str, num_models: int = 1):
+    self._writes = jax.process_index() == 0
+    if not self._writes:
+      return
     path = os.path.join(workdir, 'metrics.jsonl')
     ends_mid_line = False
     if os.path.exists(path) and os.path.getsize(path):
@@ -142,6 +145,8 @@ class MetricWriter:
 
   def write(self, step: int, split: str, scalars: dict[str, np.ndarray]) -> None:
     """Scalars of shape [] (one model) or [K] (a sweep)."""
+    if not self._writes:
+      return
     sweep = len(self._tensorboards) > 1
     for k, tensorboard in enumerate(self._tensorboards):
       values = {name: float(np.reshape(value, -1)[k]) for name, value in scalars.items()}
@@ -151,6 +156,8 @@ class MetricWriter:
     self._jsonl.flush()
 
   def close(self) -> None:
+    if not self._writes:
+      return
     self._jsonl.close()
     for tensorboard in self._tensorboards:
       tensorboard.close()
