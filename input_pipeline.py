@@ -23,7 +23,6 @@ DATASETS = ('embedded_mnist', 'mnist', 'fashion_mnist', 'cifar10')
 SPLITS = ('train', 'validation', 'test')
 EMBEDDED_PATH = pathlib.Path(__file__).resolve().parent / 'data' / 'embedded_mnist.npz'
 IMAGE_SIZE = 32
-CROP_PADDING = 4
 
 # Per-channel (mean, std) of each training split on the [0, 1] scale, over the images as stored (28x28 for the
 # MNIST-style sets). mnist, fashion_mnist and cifar10: the well-known values for their full training sets (as in the
@@ -140,15 +139,14 @@ def check_batch_size(batch_size: int, num_examples: int) -> None:
     )
 
 
-def crop_and_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array) -> jax.Array:
-  """[B, H, W, C] -> [B, H, W, C]: each image zero-padded by CROP_PADDING and cropped back to H x W.
+def crop_and_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array, padding: int) -> jax.Array:
+  """[B, H, W, C] -> [B, H, W, C]: each image zero-padded by `padding` and cropped back to H x W.
 
-  offsets: int [B, 2], the (row, column) of each crop in 0..2*CROP_PADDING; flips: bool [B], mirror left-right.
-  Offsets (CROP_PADDING, CROP_PADDING) without a flip return the image unchanged.
+  offsets: int [B, 2], the (row, column) of each crop in 0..2*padding; flips: bool [B], mirror left-right.
+  Offsets (padding, padding) without a flip return the image unchanged.
   """
   _, h, w, c = images.shape
-  p = CROP_PADDING
-  padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
   def one(image, offset, flip):
     crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
@@ -157,30 +155,33 @@ def crop_and_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array) -> ja
   return jax.vmap(one)(padded, offsets, flips)
 
 
-def augment(images: jax.Array, key: jax.Array) -> jax.Array:
-  """[B, H, W, C] -> [B, H, W, C]: a random crop with CROP_PADDING padding and a random horizontal flip per image.
+def augment(images: jax.Array, key: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
+  """[B, H, W, C] -> [B, H, W, C]: each image moved by up to `crop_padding` pixels each way (a random crop of the
+  zero-padded image) and, with `flip`, mirrored left-right with probability 1/2.
 
   Pure and jittable. The padding is 0, which on normalised images is the training set's mean colour.
   """
   crop_key, flip_key = jax.random.split(key)
-  offsets = jax.random.randint(crop_key, (images.shape[0], 2), 0, 2 * CROP_PADDING + 1)
-  flips = jax.random.bernoulli(flip_key, shape=(images.shape[0],))
-  return crop_and_flip(images, offsets, flips)
+  offsets = jax.random.randint(crop_key, (images.shape[0], 2), 0, 2 * crop_padding + 1)
+  flips = jax.random.bernoulli(flip_key, shape=(images.shape[0],)) & flip
+  return crop_and_flip(images, offsets, flips, crop_padding)
 
 
-def train_batch(data: dict, indices: jax.Array, key: jax.Array, step, augment_images: bool) -> dict[str, jax.Array]:
+def train_batch(
+  data: dict, indices: jax.Array, key: jax.Array, step, crop_padding: int = 0, flip: bool = False
+) -> dict[str, jax.Array]:
   """Batch `step` of an epoch ordered by `indices` [S, B] and keyed by `key`: {'image': [B, ...], 'label': [B]}.
 
-  Pure and jittable (`step` may be traced): the one definition of a training batch, used per step and inside a
-  whole-epoch `lax.scan` alike.
+  Augmented (see `augment`) with fold_in(key, step) when crop_padding > 0 or flip. Pure and jittable (`step` may
+  be traced): the one definition of a training batch, used per step and inside a whole-epoch `lax.scan` alike.
   """
   batch = {'image': data['image'][indices[step]], 'label': data['label'][indices[step]]}
-  if augment_images:
-    batch['image'] = augment(batch['image'], jax.random.fold_in(key, step))
+  if crop_padding or flip:
+    batch['image'] = augment(batch['image'], jax.random.fold_in(key, step), crop_padding, flip)
   return batch
 
 
-_train_batch = jax.jit(train_batch, static_argnames='augment_images')
+_train_batch = jax.jit(train_batch, static_argnames=('crop_padding', 'flip'))
 
 
 def train_batches(
@@ -190,7 +191,7 @@ def train_batches(
 
   `data` is a `load_split` result; pass it as device arrays (jax.device_put) so it is not copied to the device each
   epoch. Batch `step` is the examples shuffled_batch_indices(epoch_key(config.seed, epoch), N, B)[step], augmented
-  with fold_in(that key, step) when config.augment.
+  as config.random_crop_padding and config.random_flip ask, with fold_in(that key, step).
   """
   images, labels = jnp.asarray(data['image']), jnp.asarray(data['label'])
   check_batch_size(config.batch_size, len(labels))
@@ -200,7 +201,7 @@ def train_batches(
     raise ValueError(f'start_step={start_step} is not valid; an epoch has steps 0 to {len(indices) - 1}.')
   data = {'image': images, 'label': labels}
   for step in range(start_step, len(indices)):
-    yield _train_batch(data, indices, key, step, config.get('augment', False))
+    yield _train_batch(data, indices, key, step, config.random_crop_padding, config.random_flip)
 
 
 @functools.partial(jax.jit, static_argnames='batch_size')

@@ -95,9 +95,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps', 'max_checkpoints_to_keep'):
     if not isinstance(config[name], int) or config[name] < 1:
       fail(name, 'it must be an integer >= 1')
-  for name in ('eval_every_steps', 'checkpoint_every_steps'):
+  for name in ('eval_every_steps', 'checkpoint_every_steps', 'random_crop_padding'):
     if not isinstance(config[name], int) or config[name] < 0:
-      fail(name, 'it must be an integer >= 0 (0 means once per epoch)')
+      fail(name, 'it must be an integer >= 0 (0: once per epoch for the cadences, no shifts for the padding)')
   if (
     not (isinstance(config.learning_rate, (int, float)) and math.isfinite(config.learning_rate))
     or config.learning_rate <= 0
@@ -191,14 +191,22 @@ def eval_step(params: dict, batch: dict, *, apply_fn) -> dict:
 
 
 def train_step_on_data(
-  state: train_state.TrainState, data: dict, indices: jax.Array, key: jax.Array, step, *, augment: bool, batch_sharding
+  state: train_state.TrainState,
+  data: dict,
+  indices: jax.Array,
+  key: jax.Array,
+  step,
+  *,
+  crop_padding: int,
+  flip: bool,
+  batch_sharding: NamedSharding,
 ) -> tuple[train_state.TrainState, dict]:
   """`train_step` on batch `step` of the epoch ordered by `indices` [S, B] and keyed by `key`.
 
   The batch is gathered from `data` on the device and split over the devices' batch axis; step-by-step and
   whole-epoch training both run exactly this.
   """
-  batch = input_pipeline.train_batch(data, indices, key, step, augment)
+  batch = input_pipeline.train_batch(data, indices, key, step, crop_padding, flip)
   return train_step(state, jax.lax.with_sharding_constraint(batch, batch_sharding))
 
 
@@ -224,7 +232,12 @@ def training_functions(
 
     return jax.vmap(order)(seeds) if sweep else order(seeds)
 
-  step = functools.partial(train_step_on_data, augment=config.augment, batch_sharding=batch_sharding)
+  step = functools.partial(
+    train_step_on_data,
+    crop_padding=config.random_crop_padding,
+    flip=config.random_flip,
+    batch_sharding=batch_sharding,
+  )
   if sweep:
     step = jax.vmap(step, in_axes=(0, None, 0, 0, None))
 

@@ -10,7 +10,8 @@ def get_config():
   config = default.get_config()
   config.dataset = 'cifar10'
   config.input_shape = (32, 32, 3)
-  config.augment = True
+  config.random_crop_padding = 4
+  config.random_flip = True
   config.batch_size = 128
   config.num_epochs = 30
   return config

@@ -12,7 +12,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = 'embedded_mnist'
   config.data_dir = None  # Passed to tfds for the tfds datasets.
   config.input_shape = (32, 32, 1)
-  config.augment = False
+  # Augmentation: move each training image by up to random_crop_padding pixels (a random crop of the zero-padded
+  # image), and mirror it left-right at random when random_flip.
+  config.random_crop_padding = 1
+  config.random_flip = False
   config.validation_size = 0  # > 0 holds out the end of the train split and evaluates on it instead of test.
 
   config.model = ml_collections.ConfigDict()

@@ -61,6 +61,6 @@ def test_ablation_changes_one_thing(name):
 
 def test_cifar10_is_rgb_with_augmentation():
   config = load('cifar10')
-  assert (config.input_shape, config.augment) == ((32, 32, 3), True)
+  assert (config.input_shape, config.random_crop_padding, config.random_flip) == ((32, 32, 3), 4, True)
   params = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0)))
   assert params['conv1']['kernel'].shape == (5, 5, 3, 3)  # Each filter is a 5x5x3 volume.

@@ -1,5 +1,6 @@
 """Tests for input_pipeline: the embedded set, the tfds path under mock data, batch order, augmentation and errors."""
 
+import functools
 import hashlib
 import pathlib
 import subprocess
@@ -125,9 +126,8 @@ def test_missing_tfds_data_fails_fast_with_instructions(tmp_path):
 
 
 def _epoch(data, **overrides):
-  return [
-    jax.device_get(batch) for batch in input_pipeline.train_batches(data, _config(batch_size=128, **overrides), 0)
-  ]
+  config = _config(batch_size=128, random_crop_padding=0, **overrides)  # Unaugmented, to compare with the split.
+  return [jax.device_get(batch) for batch in input_pipeline.train_batches(data, config, 0)]
 
 
 def test_batch_order_is_a_pure_function_of_seed_and_epoch(train_split):
@@ -142,7 +142,7 @@ def test_batch_order_is_a_pure_function_of_seed_and_epoch(train_split):
   np.testing.assert_array_equal(np.concatenate([b['label'] for b in first]), train_split['label'][indices.reshape(-1)])
   np.testing.assert_array_equal(first[-1]['image'], train_split['image'][indices[-1]])
   # A resumed run picks up mid-epoch exactly.
-  resumed = input_pipeline.train_batches(data, _config(batch_size=128), 0, start_step=29)
+  resumed = input_pipeline.train_batches(data, _config(batch_size=128, random_crop_padding=0), 0, start_step=29)
   np.testing.assert_array_equal([b['label'] for b in resumed], [b['label'] for b in first[29:]])
   # The epoch may be traced, for an epoch run inside jit.
   traced = jax.jit(lambda e: input_pipeline.shuffled_batch_indices(input_pipeline.epoch_key(0, e), 4000, 128))(0)
@@ -152,10 +152,12 @@ def test_batch_order_is_a_pure_function_of_seed_and_epoch(train_split):
 
 def test_augmented_batches_follow_the_documented_keys(train_split):
   step = 3
-  batch = next(input_pipeline.train_batches(train_split, _config(batch_size=128, augment=True), 0, start_step=step))
+  config = _config(batch_size=128, random_crop_padding=4, random_flip=True)
+  batch = next(input_pipeline.train_batches(train_split, config, 0, start_step=step))
   key = input_pipeline.epoch_key(0, 0)
   indices = input_pipeline.shuffled_batch_indices(key, 4000, 128)[step]
-  expected = input_pipeline.augment(jnp.asarray(train_split['image'])[indices], jax.random.fold_in(key, step))
+  images = jnp.asarray(train_split['image'])[indices]
+  expected = input_pipeline.augment(images, jax.random.fold_in(key, step), crop_padding=4, flip=True)
   np.testing.assert_array_equal(batch['image'], expected)
   np.testing.assert_array_equal(batch['label'], train_split['label'][indices])
   assert not np.array_equal(batch['image'], train_split['image'][indices])
@@ -175,28 +177,32 @@ def test_eval_batches_cover_the_split_exactly_once(test_split, n):
 
 def test_augment():
   images = jnp.asarray(np.random.default_rng(0).standard_normal((16, 32, 32, 3)), jnp.float32)
-  p = input_pipeline.CROP_PADDING
+  p = 4
   no_flip = jnp.zeros(16, bool)
   centre = jnp.full((16, 2), p)
-  np.testing.assert_array_equal(input_pipeline.crop_and_flip(images, centre, no_flip), images)
-  np.testing.assert_array_equal(input_pipeline.crop_and_flip(images, centre, ~no_flip), images[:, :, ::-1])
-  corner = input_pipeline.crop_and_flip(images, jnp.zeros((16, 2), int), no_flip)  # Shifted down-right by p.
+  np.testing.assert_array_equal(input_pipeline.crop_and_flip(images, centre, no_flip, p), images)
+  np.testing.assert_array_equal(input_pipeline.crop_and_flip(images, centre, ~no_flip, p), images[:, :, ::-1])
+  corner = input_pipeline.crop_and_flip(images, jnp.zeros((16, 2), int), no_flip, p)  # Shifted down-right by p.
   np.testing.assert_array_equal(corner[:, p:, p:], images[:, :-p, :-p])
   assert not corner[:, :p].any() and not corner[:, :, :p].any()
 
   key = jax.random.key(1)
-  augmented = input_pipeline.augment(images, key)
+  augment = functools.partial(input_pipeline.augment, crop_padding=p, flip=True)
+  augmented = augment(images, key)
   assert augmented.shape == images.shape
-  np.testing.assert_array_equal(jax.jit(input_pipeline.augment)(images, key), augmented)
+  np.testing.assert_array_equal(jax.jit(augment)(images, key), augmented)
   assert np.any(augmented != images, axis=(1, 2, 3)).sum() >= 14  # Only 1 draw in 162 is the identity.
-  assert not np.array_equal(input_pipeline.augment(images, jax.random.key(2)), augmented)
+  assert not np.array_equal(augment(images, jax.random.key(2)), augmented)
 
   # One lit pixel at (16, 10) in 1000 copies: where it lands shows each draw's crop and flip.
   dot = jnp.zeros((1000, 32, 32, 1)).at[:, 16, 10].set(1)
-  _, rows, cols, _ = np.nonzero(np.asarray(jax.jit(input_pipeline.augment)(dot, key)))
+  _, rows, cols, _ = np.nonzero(np.asarray(jax.jit(augment)(dot, key)))
   assert len(rows) == 1000 and set(rows) == set(range(16 - p, 16 + p + 1))
   flipped = cols > 15
   assert set(cols[~flipped]) == set(range(10 - p, 10 + p + 1)) and 0.4 < flipped.mean() < 0.6
+  # The digits' setting: shifts of up to 1 pixel, never mirrored.
+  _, rows, cols, _ = np.nonzero(np.asarray(input_pipeline.augment(dot, key, crop_padding=1, flip=False)))
+  assert set(rows) == {15, 16, 17} and set(cols) == {9, 10, 11}
 
 
 @pytest.mark.parametrize(
