@@ -10,9 +10,12 @@
   other parameter counts, from the misreading that runs each channel through the network as a separate example.
 - invariance: how similar each layer's activations stay when the digit moves by 1 to 4 pixels, trained and untrained.
 
-Every run uses the default config (batch 64, adam 3e-3 cosine) for --num_epochs epochs, 3 by default rather than the
-default config's 20, so that each experiment finishes in under a minute on two shared CPU cores (measured: flatten,
-18 runs, 37 s; channels 18 s; invariance 23 s).
+Every run trains exactly as `python train.py --config=configs/default.py` does (batch 64, adam 3e-3 cosine, each
+training digit shifted by up to a pixel), through train.py's own whole-epoch function, and the seeds of a comparison
+train side by side as one sweep (config.num_models); but for --num_epochs epochs, 3 by default rather than 20, so
+that each experiment takes about a minute on two CPU cores. Measured with nothing else running (load average 1.4):
+flatten, 3 single runs and 3 sweeps of 5 seeds, 59 s; channels, 2 sweeps of 3 seeds, 58 s; invariance 21 s. On a
+loaded machine (load average 3.5 to 4) they took 95, 79 and 23 s.
 """
 
 import functools
@@ -25,6 +28,7 @@ import matplotlib
 import ml_collections
 import numpy as np
 from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec
 
 import input_pipeline
 import model
@@ -48,74 +52,77 @@ MATCHED_INPUTS = {
 }
 
 
-def make_config(num_epochs: int, input_shape=(32, 32, 1), **model_overrides) -> ml_collections.ConfigDict:
-  """The default config, trained for `num_epochs`, with `model_overrides` applied to config.model."""
+def make_config(num_epochs: int, input_shape=(32, 32, 1), num_models: int = 1, **model_overrides):
+  """The default ConfigDict for `num_epochs`, `num_models` seeds side by side, `model_overrides` in config.model."""
   config = default.get_config()
-  config.num_epochs = num_epochs
-  config.input_shape = input_shape
+  config.num_epochs, config.input_shape, config.num_models = num_epochs, input_shape, num_models
   config.model.update(model_overrides)
+  train.check_config(config)
   return config
 
 
 def load_data(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
-  """The train and test splits of `config.dataset`, on the device."""
-  return tuple(jax.device_put(input_pipeline.load_split(config, split)) for split in ('train', 'test'))
+  """The train and test splits of `config.dataset`."""
+  return input_pipeline.load_split(config, 'train'), input_pipeline.load_split(config, 'test')
 
 
-@jax.jit
-def _train_epoch(state, images: jax.Array, labels: jax.Array, indices: jax.Array):
-  """One epoch in one jitted scan, indices int32 [steps, B] -> (state, per-step batch loss float32 [steps])."""
-
-  def step(state, batch_indices):
-    state, metrics = train.train_step(state, {'image': images[batch_indices], 'label': labels[batch_indices]})
-    return state, metrics['loss_sum'] / metrics['count']
-
-  return jax.lax.scan(step, state, indices)
+def initial_state(config: ml_collections.ConfigDict, num_examples: int):
+  """The TrainState train.py starts from on `num_examples` training examples; K stacked ones for a sweep."""
+  steps_per_epoch = input_pipeline.steps_per_epoch(num_examples, config.batch_size)
+  if config.num_models > 1:
+    return train.create_sweep_state(config, steps_per_epoch)
+  return train.create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
 
 
-def trainer(config: ml_collections.ConfigDict, data: dict, apply_fn=None):
-  """A function fit(params, seed) -> (final params, per-step batch loss [steps]) on data {'image', 'label'}.
+def fit(config: ml_collections.ConfigDict, state, data: dict):
+  """Trains `state` (donated) for config.num_epochs on `data` {'image', 'label'} with train.py's whole-epoch function.
 
-  The optimiser is built once here, so every fit of this model reuses one compiled epoch: a new optimiser is a new
-  static part of the TrainState and would compile again. `seed` orders the batches exactly as
-  `input_pipeline.train_batches` does (these configs do not augment); they are gathered inside one scan per epoch,
-  which runs faster here than a Python loop over jitted steps. `apply_fn` replaces the CNN's.
+  Returns (state, batch loss per step [S, K]), where K = 1 for a single model.
   """
-  num_examples = len(data['label'])
-  steps = input_pipeline.steps_per_epoch(num_examples, config.batch_size)
-  # Shapes only: the template contributes its optimiser and apply_fn, and the params come from the caller.
-  template = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0), steps))
-  template = template.replace(apply_fn=apply_fn or template.apply_fn)
-
-  def fit(params: dict, seed: int) -> tuple[dict, np.ndarray]:
-    state = template.replace(step=0, params=params, opt_state=template.tx.init(params))
-    losses = []
-    for epoch in range(config.num_epochs):
-      indices = input_pipeline.shuffled_batch_indices(
-        input_pipeline.epoch_key(seed, epoch), num_examples, config.batch_size
-      )
-      state, epoch_losses = _train_epoch(state, data['image'], data['label'], indices)
-      losses.append(epoch_losses)
-    return state.params, np.concatenate(jax.device_get(losses))
-
-  return fit
+  mesh = train.device_mesh()
+  state, data = jax.device_put((state, data), NamedSharding(mesh, PartitionSpec()))
+  functions = train.training_functions(config, len(data['label']), NamedSharding(mesh, PartitionSpec('batch')))
+  train_epoch = jax.jit(functions.train_epoch, donate_argnums=0)
+  metrics = []
+  for epoch in range(config.num_epochs):
+    state, epoch_metrics = train_epoch(state, data, epoch)
+    metrics.append(epoch_metrics)
+  losses = np.concatenate([m['loss_sum'] / m['count'] for m in jax.device_get(metrics)])
+  return state, losses.reshape(len(losses), config.num_models)
 
 
-_eval_step = jax.jit(train.eval_step, static_argnames='apply_fn')
+def unstack(config: ml_collections.ConfigDict, params: dict) -> list[dict]:
+  """The parameters of each model of a sweep (stacked [K, ...]); [params] for a single model."""
+  if config.num_models == 1:
+    return [params]
+  return [jax.tree.map(lambda x, k=k: x[k], params) for k in range(config.num_models)]
 
 
-def initializer(config: ml_collections.ConfigDict):
-  """Jitted key -> params of `config`'s model: for several inits, compiling once costs less than running op by op."""
-  return jax.jit(functools.partial(model.init_params, config))
+def accuracy(config: ml_collections.ConfigDict, state, data: dict) -> list[float]:
+  """Exact accuracy of each model of `state` over every example of `data`, [K].
 
-
-def accuracy_of(apply_fn, params: dict, data: dict) -> float:
-  """Exact accuracy over every example of `data`."""
-  return float(train.evaluate(functools.partial(_eval_step, apply_fn=apply_fn), params, data, 500)['accuracy'])
+  Op by op rather than jitted, so that all the networks of one shape share the ops' compilations.
+  """
+  eval_fn = functools.partial(train.eval_step, apply_fn=state.apply_fn)
+  models = unstack(config, state.params)
+  return [float(train.evaluate(eval_fn, params, data, config.eval_batch_size)['accuracy']) for params in models]
 
 
 def count_params(params: dict) -> int:
   return sum(leaf.size for leaf in jax.tree.leaves(params))
+
+
+def _mean_std(values: list[float]) -> str:
+  """'mean ± std   (run, run, ...)' of one value per seed."""
+  return f'{np.mean(values):.4f} ± {np.std(values):.4f}   ({", ".join(f"{v:.3f}" for v in values)})'
+
+
+def _plot_runs(ax, runs: dict) -> None:
+  """The test accuracies {label: [one per seed]} as dots per label, with their mean ± std as a square."""
+  for i, values in enumerate(runs.values()):
+    ax.plot(np.full(len(values), i), values, 'o', alpha=0.6)
+    ax.errorbar(i + 0.15, np.mean(values), yerr=np.std(values), fmt='s', color='k', capsize=4)
+  ax.set(xticks=range(len(runs)), xticklabels=list(runs), xlim=(-0.5, len(runs) - 0.5), ylabel='test accuracy')
 
 
 def _save(fig, path: str) -> str:
@@ -129,21 +136,24 @@ def flatten(out_dir: str, num_epochs: int = 3, num_seeds: int = 5) -> dict:
   """Flatten orders: same-init loss curves [steps] per order and their max difference; test accuracies per seed."""
   base = make_config(num_epochs)
   train_data, test_data = load_data(base)
+  num_train = len(train_data['label'])
   pool_shape = model.layer_shapes(base)['pool2']
-  init_fn = initializer(base)  # The flatten order changes no parameter, so one init function serves every order.
-  init = init_fn(jax.random.key(base.seed))
-  curves, same_init_accuracy = {}, {}
-  accuracies = {order: [] for order in ORDERS}
+  curves, same_init_accuracy, accuracies, seeds = {}, {}, {}, {}
   for i, order in enumerate(ORDERS):
     config = make_config(num_epochs, flatten_order=order)
-    fit, apply_fn = trainer(config, train_data), model.create_model(config).apply
+    # The order changes no parameter, so every order draws the same arrays from the seed; permuting fc1's rows as
+    # the order permutes its inputs makes them one function. One seed: the same batches and shifts for every order.
+    state = initial_state(config, num_train)
     perm = model.flatten_permutation(order, pool_shape, config.model.flatten_seed)
-    params, curves[order] = fit({**init, 'fc1': {**init['fc1'], 'kernel': init['fc1']['kernel'][perm]}}, base.seed)
-    same_init_accuracy[order] = accuracy_of(apply_fn, params, test_data)
-    # Independent inits: seed s orders the batches of every order alike; folding in the order draws other weights.
-    for seed in range(num_seeds):
-      params, _ = fit(init_fn(jax.random.fold_in(jax.random.key(seed), i)), seed)
-      accuracies[order].append(accuracy_of(apply_fn, params, test_data))
+    params = {**state.params, 'fc1': {**state.params['fc1'], 'kernel': state.params['fc1']['kernel'][perm]}}
+    state, losses = fit(config, state.replace(params=params, opt_state=state.tx.init(params)), train_data)
+    curves[order], (same_init_accuracy[order],) = losses[:, 0], accuracy(config, state, test_data)
+    # Independent runs: each order's seeds are its own (weights, batch order and shifts).
+    sweep = make_config(num_epochs, num_models=num_seeds, flatten_order=order)
+    sweep.seed = base.seed + i * num_seeds
+    state, _ = fit(sweep, initial_state(sweep, num_train), train_data)
+    accuracies[order] = accuracy(sweep, state, test_data)
+    seeds[order] = train.model_seeds(sweep).tolist()
   max_difference = max(float(np.max(np.abs(curves[order] - curves['hwc']))) for order in ORDERS)
 
   results = {
@@ -151,8 +161,9 @@ def flatten(out_dir: str, num_epochs: int = 3, num_seeds: int = 5) -> dict:
     'max_abs_loss_difference': max_difference,
     'same_init_test_accuracy': same_init_accuracy,
     'test_accuracy': accuracies,
+    'seeds': seeds,
   }
-  results['table'] = _flatten_table(results, num_epochs, len(train_data['label']), len(test_data['label']))
+  results['table'] = _flatten_table(results, num_epochs, num_train, len(test_data['label']))
   results['png'] = _plot_flatten(results, num_epochs, os.path.join(out_dir, 'flatten.png'))
   return results
 
@@ -162,17 +173,17 @@ def _flatten_table(results: dict, num_epochs: int, num_train: int, num_test: int
   lines = [
     f'flatten: {num_epochs} epochs ({len(curves["hwc"])} steps) of the default config on {num_train:,} embedded '
     f'digits, tested on {num_test:,}.',
-    'Same initial function (fc1 kernel rows permuted with model.flatten_permutation), same batches:',
+    'Same initial function (fc1 kernel rows permuted with model.flatten_permutation), same batches and shifts:',
     f'  {"order":8}{"final batch loss":>18}{"max |loss - loss_hwc|":>24}{"test accuracy":>15}',
   ]
   for order in ORDERS:
     difference = np.max(np.abs(curves[order] - curves['hwc']))
     accuracy = results['same_init_test_accuracy'][order]
     lines.append(f'  {order:8}{curves[order][-1]:>18.6f}{difference:>24.2e}{accuracy:>15.4f}')
-  lines.append(f'Independent inits, {len(accuracies["hwc"])} seeds per order (test accuracy):')
+  lines.append(f'Independent runs, {len(accuracies["hwc"])} seeds per order (test accuracy):')
   for order in ORDERS:
-    values = np.array(accuracies[order])
-    lines.append(f'  {order:8}{values.mean():.4f} ± {values.std():.4f}   ({", ".join(f"{v:.3f}" for v in values)})')
+    seeds = results['seeds'][order]
+    lines.append(f'  {order:8}{f"seeds {seeds[0]}-{seeds[-1]}":14}{_mean_std(accuracies[order])}')
   return '\n'.join(lines)
 
 
@@ -187,12 +198,8 @@ def _plot_flatten(results: dict, num_epochs: int, path: str) -> str:
     f'Same initial function, three flatten orders: max |difference| = {results["max_abs_loss_difference"]:.1e}'
   )
   ax_loss.legend()
-  for i, order in enumerate(ORDERS):
-    values = np.array(accuracies[order])
-    ax_acc.plot(np.full(len(values), i), values, 'o', alpha=0.6)
-    ax_acc.errorbar(i + 0.15, values.mean(), yerr=values.std(), fmt='s', color='k', capsize=4)
-  ax_acc.set(xticks=range(len(ORDERS)), xticklabels=ORDERS, xlim=(-0.5, len(ORDERS) - 0.5), ylabel='test accuracy')
-  ax_acc.set_title(f'Independent inits: {len(accuracies["hwc"])} seeds each\n(dots: runs; square: mean ± std)')
+  _plot_runs(ax_acc, accuracies)
+  ax_acc.set_title(f'Independent runs: {len(accuracies["hwc"])} seeds each\n(dots: runs; square: mean ± std)')
   fig.suptitle(f'Flatten order does not matter ({num_epochs} epochs, embedded MNIST)')
   fig.tight_layout()
   return _save(fig, path)
@@ -222,34 +229,33 @@ def per_channel_logits(cnn: model.CNN, variables: dict, images: jax.Array) -> ja
   return cnn.apply(variables, as_examples).reshape(b, c, -1).mean(axis=1)
 
 
-def channels(out_dir: str, num_epochs: int = 3, seed: int = 0) -> dict:
-  """The real conv against the channels-as-examples misreading on tinted digits: parameter counts, accuracies and
-  the max |logit difference| and class agreement of the two under matched weights on grey, tinted and mixed images."""
-  grey_config = make_config(num_epochs)
-  rgb_config = make_config(num_epochs, input_shape=(32, 32, 3))
-  grey_train, grey_test = (input_pipeline.load_split(grey_config, split) for split in ('train', 'test'))
-  rgb_train, _ = colourise(grey_train['image'], seed)
-  rgb_test, _ = colourise(grey_test['image'], seed + 1)
+def channels(out_dir: str, num_epochs: int = 3, num_seeds: int = 3) -> dict:
+  """The real conv against the channels-as-examples misreading on tinted digits, `num_seeds` seeds each: parameter
+  counts, accuracies and the max |logit difference| and class agreement of the two under matched weights (seed 0's)
+  on grey, tinted and mixed images."""
+  grey_config = make_config(num_epochs, num_models=num_seeds)
+  rgb_config = make_config(num_epochs, input_shape=(32, 32, 3), num_models=num_seeds)
+  grey_train, grey_test = load_data(grey_config)
+  rgb_train, _ = colourise(grey_train['image'], grey_config.seed)
+  rgb_test, _ = colourise(grey_test['image'], grey_config.seed + 1)
   mean, std = rgb_train.mean(axis=(0, 1, 2)), rgb_train.std(axis=(0, 1, 2))  # Per channel, as load_split does.
-  train_data = jax.device_put({'image': (rgb_train - mean) / std, 'label': grey_train['label']})
-  test_data = jax.device_put({'image': (rgb_test - mean) / std, 'label': grey_test['label']})
+  train_data = {'image': (rgb_train - mean) / std, 'label': grey_train['label']}
+  test_data = {'image': (rgb_test - mean) / std, 'label': grey_test['label']}
+  num_train = len(train_data['label'])
 
+  # Model k of both networks has seed k: its own init, and the same batches and shifts as the other network's.
   real_cnn = model.create_model(rgb_config)
   misread_apply = functools.partial(per_channel_logits, model.create_model(grey_config))
-  real, real_losses = trainer(rgb_config, train_data)(model.init_params(rgb_config, jax.random.key(seed)), seed)
-  misread, misread_losses = trainer(grey_config, train_data, misread_apply)(
-    model.init_params(grey_config, jax.random.key(seed)), seed
-  )
-  params = {'real': count_params(real), 'misread': count_params(misread)}
-  accuracy = {
-    'real': accuracy_of(real_cnn.apply, real, test_data),
-    'misread': accuracy_of(misread_apply, misread, test_data),
-  }
+  real, real_losses = fit(rgb_config, initial_state(rgb_config, num_train), train_data)
+  misread_state = initial_state(grey_config, num_train).replace(apply_fn=misread_apply)
+  misread, misread_losses = fit(grey_config, misread_state, train_data)
+  # Seed 0's weights: the parameter counts and the comparison under matched weights.
+  real_params, misread_params = unstack(rgb_config, real.params)[0], unstack(grey_config, misread.params)[0]
 
   # The matching of weights that makes the real conv agree with the misreading on grey images (equal channels):
   # every channel slice of a real filter is the shared 2D filter / C, so the channel sum equals one 2D conv.
-  kernel = misread['conv1']['kernel']
-  matched = {**misread, 'conv1': {**misread['conv1'], 'kernel': jnp.repeat(kernel, 3, axis=2) / 3}}
+  kernel = misread_params['conv1']['kernel']
+  matched = {**misread_params, 'conv1': {**misread_params['conv1'], 'kernel': jnp.repeat(kernel, 3, axis=2) / 3}}
   tinted = test_data['image'][:200]
   inputs = {
     'grey': jnp.repeat(tinted.mean(axis=-1, keepdims=True), 3, axis=-1),  # Each pixel's channels set to their mean.
@@ -258,13 +264,17 @@ def channels(out_dir: str, num_epochs: int = 3, seed: int = 0) -> dict:
     'mixed': jnp.stack([jnp.roll(tinted[..., c], c, axis=0) for c in range(3)], axis=-1),
   }
   logits = {
-    name: (real_cnn.apply({'params': matched}, x), misread_apply({'params': misread}, x)) for name, x in inputs.items()
+    name: (real_cnn.apply({'params': matched}, x), misread_apply({'params': misread_params}, x))
+    for name, x in inputs.items()
   }
 
   results = {
-    'params': params,
-    'test_accuracy': accuracy,
-    'final_batch_loss': {'real': float(real_losses[-1]), 'misread': float(misread_losses[-1])},
+    'params': {'real': count_params(real_params), 'misread': count_params(misread_params)},
+    'test_accuracy': {
+      'real': accuracy(rgb_config, real, test_data),
+      'misread': accuracy(grey_config, misread, test_data),
+    },
+    'final_batch_loss': {'real': real_losses[-1].tolist(), 'misread': misread_losses[-1].tolist()},
     'max_logit_difference': {name: float(jnp.max(jnp.abs(a - b))) for name, (a, b) in logits.items()},
     'same_class': {name: float(jnp.mean(jnp.argmax(a, -1) == jnp.argmax(b, -1))) for name, (a, b) in logits.items()},
   }
@@ -278,17 +288,18 @@ def _channels_table(results: dict, num_epochs: int, num_compared: int) -> str:
   params, accuracy, loss = results['params'], results['test_accuracy'], results['final_batch_loss']
   lines = [
     'channels: embedded digits tinted with a random colour per image (independent of the label), 32x32x3; '
-    f'{num_epochs} epochs each, same batches, one seed.',
+    f'{num_epochs} epochs,',
+    f'  seeds 0-{len(accuracy["real"]) - 1} for each network (seed k: the same batches and shifts for both).',
     '  real conv: conv1 has 3 filters of 5x5x3; each sums over all 3 input channels into one map.',
     '  misreading: conv1 has 3 shared 5x5 filters; every channel is a separate one-channel example through the whole',
     '    network (conv1 .. fc2), and the 3 logit vectors of an image are averaged.',
-    f'  {"network":12}{"params":>8}{"final batch loss":>18}{"test accuracy":>15}',
+    f'  {"network":12}{"params":>8}{"mean final batch loss":>23}   test accuracy (mean ± std, runs)',
   ]
   for name, label in (('real', 'real'), ('misread', 'misreading')):
-    lines.append(f'  {label:12}{params[name]:>8,}{loss[name]:>18.4f}{accuracy[name]:>15.4f}')
+    lines.append(f'  {label:12}{params[name]:>8,}{np.mean(loss[name]):>23.4f}   {_mean_std(accuracy[name])}')
   lines += [
-    '  Matched weights (real conv1 slices = shared filter / 3, the rest shared), trained misreading weights, '
-    f'{num_compared} test images:',
+    '  Matched weights (real conv1 slices = shared filter / 3, the rest shared), the trained misreading weights of',
+    f'  seed 0, {num_compared} test images:',
     f'    {"input":48}{"max |logit difference|":>24}{"same predicted class":>22}',
   ]
   for name, description in MATCHED_INPUTS.items():
@@ -307,9 +318,9 @@ def _plot_channels(results: dict, num_epochs: int, logits: dict, examples: tuple
     ax.set(xticks=[], yticks=[], title=f'label {int(label)}')
   ax = fig.add_subplot(grid[:, 5])
   accuracy, params = results['test_accuracy'], results['params']
-  bars = ax.bar(('real conv\n(3D filters)', 'misreading\n(channels as\nexamples)'), list(accuracy.values()))
-  ax.bar_label(bars, [f'{a:.3f}\n{params[n]:,} params' for n, a in accuracy.items()], padding=3)
-  ax.set(ylim=(0, 1.15), ylabel='test accuracy', title=f'After {num_epochs} epochs each')
+  labels = {'real': 'real conv\n(3D filters)', 'misread': 'misreading\n(channels as\nexamples)'}
+  _plot_runs(ax, {f'{labels[name]}\n{params[name]:,} params': values for name, values in accuracy.items()})
+  ax.set_title(f'After {num_epochs} epochs, {len(accuracy["real"])} seeds each\n(dots: runs; square: mean ± std)')
   ax = fig.add_subplot(grid[:, 7])
   for name, marker in (('mixed', '.'), ('tinted', '.'), ('grey', 'x')):
     real, misread = logits[name]
@@ -363,9 +374,10 @@ def invariance(out_dir: str, num_epochs: int = 3, max_shift: int = 4, num_images
   config = make_config(num_epochs)
   train_data, test_data = load_data(config)
   cnn = model.create_model(config)
-  fresh = model.init_params(config, jax.random.key(config.seed))
-  trained, _ = trainer(config, train_data)(fresh, config.seed)
-  accuracy = accuracy_of(cnn.apply, trained, test_data)
+  state = initial_state(config, len(train_data['label']))
+  fresh = jax.tree.map(jnp.copy, state.params)  # fit donates the state's buffers.
+  state, _ = fit(config, state, train_data)
+  trained, (test_accuracy,) = state.params, accuracy(config, state, test_data)
   images = test_data['image'][:num_images]
   background = float(jnp.min(test_data['image']))  # Pixel value 0 after normalisation.
   shifts = list(range(max_shift + 1))
@@ -391,7 +403,7 @@ def invariance(out_dir: str, num_epochs: int = 3, max_shift: int = 4, num_images
     'agreement': agreement,
     'ink_lost': [float(lost[s].mean()) for s in shifts],
     'digits_losing_ink': [float(np.mean(np.any(lost[s] > 1e-6, axis=0))) for s in shifts],
-    'test_accuracy': accuracy,
+    'test_accuracy': test_accuracy,
   }
   results['table'] = _invariance_table(results, num_epochs, len(images))
   results['png'] = _plot_invariance(results, num_epochs, os.path.join(out_dir, 'invariance.png'))

@@ -14,6 +14,16 @@ PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 STEPS = 62
 
 
+@pytest.fixture(autouse=True, scope='module')
+def fast_compiles():
+  """Most XLA optimisations off, as flax's tests do: these tests spend far more time compiling than running."""
+  previous = jax.config.values['jax_disable_most_optimizations']
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
+  jax.clear_caches()  # So that no later test runs a program compiled here.
+
+
 def assert_png(path):
   with open(path, 'rb') as f:
     assert f.read(8) == PNG_SIGNATURE
@@ -22,19 +32,26 @@ def assert_png(path):
 
 def test_flatten_orders_follow_one_loss_curve(tmp_path):
   results = explain.flatten(str(tmp_path), num_epochs=1, num_seeds=2)
-  # The fact: the same initial function trained on the same batches, whatever the flatten order.
-  assert results['max_abs_loss_difference'] < 1e-5
+  # The fact: the same initial function, trained on the same batches and shifts, follows one loss curve whatever the
+  # flatten order: to float32 rounding at first, and a wrong permutation would differ from the first step. Later a
+  # rounding difference can tip a near-tie (a max-pool or ReLU choice, most likely) and grow: here 'chw' drifts to
+  # 1.6e-4 from step 21 (5.4e-5 from step 27 with XLA's optimisations on); over the experiment's 3 epochs the curves
+  # stay within 2.4e-7.
+  assert results['max_abs_loss_difference'] < 1e-3
   assert set(results['loss_curves']) == {'hwc', 'chw', 'random'}
   for order, curve in results['loss_curves'].items():
     assert curve.shape == (STEPS,)
+    np.testing.assert_allclose(curve[:10], results['loss_curves']['hwc'][:10], rtol=0, atol=1e-6)
     assert curve[-1] < curve[0] / 3, order  # It did learn: the loss starts near ln(10) = 2.3.
     assert len(results['test_accuracy'][order]) == 2
     assert min(results['test_accuracy'][order]) > 0.6  # Chance is 0.1.
+  # Independent runs: each order's sweep has seeds of its own.
+  assert results['seeds'] == {'hwc': [0, 1], 'chw': [2, 3], 'random': [4, 5]}
   assert_png(results['png'])
 
 
 def test_channels_real_conv_and_misreading_are_different_functions(tmp_path):
-  results = explain.channels(str(tmp_path), num_epochs=1)
+  results = explain.channels(str(tmp_path), num_epochs=1, num_seeds=2)
   # real: conv1 5*5*3*3 + 3 = 228, conv2 5*5*3*6 + 6 = 456, fc1 150*100 + 100 = 15,100, fc2 100*10 + 10 = 1,010.
   # misreading: conv1's shared 2D filters are 5*5*1*3 + 3 = 78; the rest is the same.
   assert results['params'] == {'real': 228 + 456 + 15_100 + 1_010, 'misread': 78 + 456 + 15_100 + 1_010}
@@ -44,7 +61,8 @@ def test_channels_real_conv_and_misreading_are_different_functions(tmp_path):
   assert difference['tinted'] > 1e-2  # ... and not once the channels differ.
   assert difference['mixed'] > 0.1
   for accuracy in results['test_accuracy'].values():
-    assert accuracy > 0.5
+    assert len(accuracy) == 2
+    assert min(accuracy) > 0.5
   assert_png(results['png'])
 
 
