@@ -12,10 +12,10 @@
 
 Every run trains exactly as `python train.py --config=configs/default.py` does (batch 64, adam 3e-3 cosine, each
 training digit shifted by up to a pixel), through train.py's own whole-epoch function, and the seeds of a comparison
-train side by side as one sweep (config.num_models); but for --num_epochs epochs, 3 by default rather than 20, so
-that each experiment takes about a minute on two CPU cores. Measured with nothing else running (load average 1.4):
-flatten, 3 single runs and 3 sweeps of 5 seeds, 59 s; channels, 2 sweeps of 3 seeds, 58 s; invariance 21 s. On a
-loaded machine (load average 3.5 to 4) they took 95, 79 and 23 s.
+train side by side as one sweep (config.num_models); but for --num_epochs epochs, 3 by default rather than the
+default config's num_epochs, so that each experiment takes about a minute on two CPU cores. Measured with nothing
+else running (load average 1.4): flatten, 3 single runs and 3 sweeps of 5 seeds, 59 s; channels, 2 sweeps of 3
+seeds, 58 s; invariance 21 s. On a loaded machine (load average 3.5 to 4) they took 95, 79 and 23 s.
 """
 
 import functools
@@ -484,6 +484,6 @@ if __name__ == '__main__':
   # Defined here rather than at import, as in train.py, so that importing this module defines no flags.
   flags.DEFINE_enum('experiment', None, EXPERIMENTS, 'Which claim to test.')
   flags.DEFINE_string('out_dir', 'runs/explain', 'Directory for the PNG.')
-  flags.DEFINE_integer('num_epochs', 3, 'Training epochs of every run (the default config trains for 20).')
+  flags.DEFINE_integer('num_epochs', 3, "Training epochs of every run, fewer than the default config's.")
   flags.mark_flag_as_required('experiment')
   app.run(main)
