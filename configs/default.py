@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.seed = 0
   config.batch_size = 64
-  config.num_epochs = 20
+  config.num_epochs = 30
   config.optimizer = 'adam'
   config.learning_rate = 3e-3
   config.momentum = 0.9  # Used by 'momentum'.
@@ -47,8 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rates = ()  # Optional: one peak learning rate per model of a sweep.
 
   config.log_every_steps = 100
-  config.eval_every_steps = 0  # 0: evaluate at the end of every epoch.
-  config.checkpoint_every_steps = 0  # 0: checkpoint at the end of every epoch.
+  config.eval_every_steps = 310  # Every 5 epochs of 62 steps (and at the end); 0: after every epoch.
+  config.checkpoint_every_steps = 310  # Likewise; 0: after every epoch.
   config.max_checkpoints_to_keep = 3
   config.eval_batch_size = 512  # A power of two divides over any usual device count.
   return config
