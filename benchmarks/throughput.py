@@ -42,6 +42,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list('batch_sizes', ['32', '128', '512', '2048'], 'Batch sizes B.')
 flags.DEFINE_list('channels', ['1', '3'], 'Input channels C.')
 flags.DEFINE_list('modes', ['step', 'epoch', 'sweep8'], 'tinycnn training modes to time.')
+flags.DEFINE_bool('torch', True, 'Time the PyTorch peer too, when torch is installed.')
 flags.DEFINE_list('torch_variants', None, 'PyTorch peer variants (default: all of torch_peer.VARIANTS).')
 flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant.')
 flags.DEFINE_integer('images_per_repeat', 16384, 'Training images per timed repeat (at least 10 steps).')
@@ -129,8 +130,8 @@ def main(argv):
   peak = peak_gflops()
   device = f'{jax.devices()[0].device_kind} ({jax.default_backend()})'
   print(f'{device}, jax {jax.__version__}; peak fp32 matmul {peak:.0f} GFLOP/s')
-  torch_variants = (FLAGS.torch_variants or list(torch_peer.VARIANTS)) if torch_peer else []
-  if not torch_peer:
+  torch_variants = (FLAGS.torch_variants or list(torch_peer.VARIANTS)) if torch_peer and FLAGS.torch else []
+  if FLAGS.torch and not torch_peer:
     print('torch is not installed: no PyTorch peer rows (pip install -r benchmarks/requirements.txt).')
   results = []
   for channels in map(int, FLAGS.channels):
