@@ -68,10 +68,7 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
 
 def initial_state(config: ml_collections.ConfigDict, num_examples: int):
   """The TrainState train.py starts from on `num_examples` training examples; K stacked ones for a sweep."""
-  steps_per_epoch = input_pipeline.steps_per_epoch(num_examples, config.batch_size)
-  if config.num_models > 1:
-    return train.create_sweep_state(config, steps_per_epoch)
-  return train.create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
+  return train.create_initial_state(config, input_pipeline.steps_per_epoch(num_examples, config.batch_size))
 
 
 def fit(config: ml_collections.ConfigDict, state, data: dict):

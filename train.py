@@ -95,9 +95,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps', 'max_checkpoints_to_keep'):
     if not isinstance(config[name], int) or config[name] < 1:
       fail(name, 'it must be an integer >= 1')
-  for name in ('eval_every_steps', 'checkpoint_every_steps', 'random_crop_padding'):
+  for name in ('eval_every_steps', 'checkpoint_every_steps'):
     if not isinstance(config[name], int) or config[name] < 0:
-      fail(name, 'it must be an integer >= 0 (0: once per epoch for the cadences, no shifts for the padding)')
+      fail(name, 'it must be an integer >= 0 (0 means once per epoch)')
+  if not isinstance(config.random_crop_padding, int) or config.random_crop_padding < 0:
+    fail('random_crop_padding', 'it must be an integer >= 0, the most pixels an image moves (0: no shifts)')
   if (
     not (isinstance(config.learning_rate, (int, float)) and math.isfinite(config.learning_rate))
     or config.learning_rate <= 0
@@ -154,6 +156,13 @@ def create_sweep_state(config: ml_collections.ConfigDict, steps_per_epoch: int) 
     return state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
 
   return jax.vmap(create)(model_seeds(config), learning_rates)
+
+
+def create_initial_state(config: ml_collections.ConfigDict, steps_per_epoch: int) -> train_state.TrainState:
+  """The state a run of `config` starts from: one model with seed config.seed, or the stacked sweep of num_models."""
+  if config.num_models > 1:
+    return create_sweep_state(config, steps_per_epoch)
+  return create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
 
 
 def compute_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -270,10 +279,7 @@ def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, 
   For a sweep (config.num_models > 1) every parameter has a leading [K] axis: model k is `params[...][k]`.
   """
   # Only the parameters are returned, so the schedule's length (steps per epoch) in this state does not matter.
-  if config.num_models > 1:
-    state = jax.eval_shape(lambda: create_sweep_state(config, steps_per_epoch=1))
-  else:
-    state = jax.eval_shape(lambda: create_train_state(config, jax.random.key(config.seed), steps_per_epoch=1))
+  state = jax.eval_shape(lambda: create_initial_state(config, steps_per_epoch=1))
   abstract_state = _abstract(state, NamedSharding(device_mesh(), PartitionSpec()))
   with workdir_lib.checkpoint_manager(workdir) as manager:
     state = workdir_lib.restore_checkpoint(manager, abstract_state, workdir, set_aside_corrupt=False)
@@ -327,11 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   logging.info('Model (per example):\n%s', model.summary(config))
 
   sweep = config.num_models > 1
-  if sweep:
-    state = create_sweep_state(config, steps_per_epoch)
-  else:
-    state = create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
-  state = jax.device_put(state, replicated)
+  state = jax.device_put(create_initial_state(config, steps_per_epoch), replicated)
   manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
   # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
   restored = workdir_lib.restore_checkpoint(manager, _abstract(state, replicated), workdir, set_aside_corrupt=True)

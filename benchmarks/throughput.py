@@ -78,10 +78,7 @@ def prepare_tinycnn(batch_size: int, channels: int, mode: str):
   )
   batch_sharding = NamedSharding(train.device_mesh(), PartitionSpec('batch'))
   functions = train.training_functions(config, steps * batch_size, batch_sharding)
-  if mode == 'sweep8':
-    state = train.create_sweep_state(config, steps)
-  else:
-    state = train.create_train_state(config, jax.random.key(0), steps)
+  state = train.create_initial_state(config, steps)
   keys, indices = jax.jit(functions.epoch_order)(0)
   start = time.perf_counter()
   if mode == 'epoch':
