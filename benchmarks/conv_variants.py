@@ -1,0 +1,125 @@
+"""Why model.conv2d is patches + one matmul: the same training epoch with each way of writing the convolution.
+
+    python benchmarks/conv_variants.py
+    python benchmarks/conv_variants.py --batch_sizes=128 --channels=3 --repeats=3
+
+Each formulation is first checked against reference.conv2d (NumPy, float64) to 1e-5, then swapped in for
+model.conv2d and timed as a whole-epoch lax.scan of train.training_functions (momentum SGD, data in memory).
+Rows are images/s, median of `--repeats`, interleaved so that machine noise hits all alike:
+  patches        model.conv2d: kh*kw shifted slices concatenated into [B, H', W', kh*kw*C_in], one matmul
+  shifted_sum    the sum over the kh*kw offsets of (shifted slice) @ kernel[i, j], [C_in, C_out] each
+  lax_conv       jax.lax.conv_general_dilated, what flax.linen.Conv lowers to
+"""
+
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model  # noqa: E402
+import reference  # noqa: E402
+import train  # noqa: E402
+from configs import default  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('batch_sizes', ['32', '128', '512'], 'Batch sizes B.')
+flags.DEFINE_list('channels', ['1', '3'], 'Input channels C.')
+flags.DEFINE_integer('repeats', 5, 'Timed repeats per formulation.')
+flags.DEFINE_integer('images_per_repeat', 8192, 'Training images per timed repeat.')
+
+
+def shifted_sum(x: jax.Array, kernel: jax.Array, strides: int, padding: str) -> jax.Array:
+  """[B, H, W, C_in] x [kh, kw, C_in, C_out] -> [B, H', W', C_out] as kh*kw accumulated [C_in, C_out] matmuls."""
+  assert padding == 'VALID', 'the default network has no padding'
+  kh, kw, _, _ = kernel.shape
+  out_h = model.conv_output_size(x.shape[1], kh, strides, padding)
+  out_w = model.conv_output_size(x.shape[2], kw, strides, padding)
+  span_h, span_w = (out_h - 1) * strides + 1, (out_w - 1) * strides + 1
+  return sum(
+    x[:, i : i + span_h : strides, j : j + span_w : strides, :] @ kernel[i, j] for i in range(kh) for j in range(kw)
+  )
+
+
+def lax_conv(x: jax.Array, kernel: jax.Array, strides: int, padding: str) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+    x, kernel, (strides, strides), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+
+
+FORMULATIONS = {'patches': model.conv2d, 'shifted_sum': shifted_sum, 'lax_conv': lax_conv}
+
+
+def check_against_reference(conv, channels: int) -> None:
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 32, 32, channels)).astype(np.float32)
+  kernel = rng.normal(size=(5, 5, channels, 3)).astype(np.float32)
+  expected = reference.conv2d(x.astype(np.float64), kernel.astype(np.float64), np.zeros(3))
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_allclose(conv(jnp.asarray(x), jnp.asarray(kernel), 1, 'VALID'), expected, atol=1e-5, rtol=1e-5)
+
+
+def prepare_epoch(batch_size: int, channels: int):
+  """A compiled whole-epoch step with the current model.conv2d, warmed up; returns run() -> seconds."""
+  steps = max(10, FLAGS.images_per_repeat // batch_size)
+  config = default.get_config()
+  config.update(
+    input_shape=(32, 32, channels), batch_size=batch_size, optimizer='momentum', learning_rate=0.01,
+    schedule='constant', random_crop_padding=0,
+  )  # fmt: skip
+  rng = np.random.default_rng(0)
+  data = jax.device_put(
+    {
+      'image': rng.normal(size=(steps * batch_size, 32, 32, channels)).astype(np.float32),
+      'label': rng.integers(0, 10, steps * batch_size).astype(np.int32),
+    }
+  )
+  functions = train.training_functions(
+    config, steps * batch_size, NamedSharding(train.device_mesh(), PartitionSpec('batch'))
+  )
+  state = train.create_initial_state(config, steps)
+  epoch = jax.jit(functions.train_epoch, donate_argnums=0).lower(state, data, 0).compile()
+
+  def run():
+    nonlocal state
+    start = time.perf_counter()
+    state, metrics = epoch(state, data, 0)
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - start
+
+  run()
+  return run, steps * batch_size
+
+
+def main(argv):
+  del argv
+  print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; images/s, median (min-max)')
+  for channels in map(int, FLAGS.channels):
+    for conv in FORMULATIONS.values():
+      check_against_reference(conv, channels)
+    for batch_size in map(int, FLAGS.batch_sizes):
+      runners = {}
+      for name, conv in FORMULATIONS.items():
+        # CNN.__call__ looks model.conv2d up when it is traced, so swapping the module attribute swaps the formulation.
+        model.conv2d = conv
+        runners[name] = prepare_epoch(batch_size, channels)
+      model.conv2d = FORMULATIONS['patches']
+      rates = {name: [] for name in runners}
+      for _ in range(FLAGS.repeats):
+        for name, (run, images) in runners.items():
+          rates[name].append(images / run())
+      cells = []
+      for name, r in rates.items():
+        ratio = statistics.median(r) / statistics.median(rates['patches'])
+        cells.append(f'{name} {statistics.median(r):7.0f} ({min(r):.0f}-{max(r):.0f}) x{ratio:.2f}')
+      print(f'C={channels} B={batch_size:4}  ' + '  '.join(cells), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,109 @@
+"""Where a training step's time goes: a jax.profiler trace of train_step, its ops summed per layer and kind.
+
+    python benchmarks/profile_step.py                              # C=3, B=512
+    python benchmarks/profile_step.py --channels=1 --batch_size=128 --top=20
+
+The step is train.py's (train_mode='step', momentum SGD, data in memory). Each op XLA runs is attributed to the
+model layer and pass (forward, or backward: the transpose of the forward) named in its HLO metadata, e.g.
+'conv1 forward: concatenate' or 'conv2 backward: ynn_fusion' (XLA:CPU's matmul library
+call); the table gives each group's share of the summed op
+time. The raw trace stays in --trace_dir for TensorBoard's profile plugin or Perfetto.
+"""
+
+import collections
+import glob
+import os
+import re
+import sys
+import time
+
+# XLA:CPU records each op it runs in a profiler trace only with this flag, which must be set before jax starts.
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_enable_xprof_traceme=true'
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+from configs import default  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('batch_size', 512, 'Batch size B.')
+flags.DEFINE_integer('channels', 3, 'Input channels C.')
+flags.DEFINE_integer('steps', 20, 'Traced training steps.')
+flags.DEFINE_integer('top', 12, 'Groups to print.')
+flags.DEFINE_string('trace_dir', 'benchmarks/results/trace', 'Where the jax.profiler trace is written.')
+
+LAYERS = ('conv1', 'conv2', 'pool1', 'pool2', 'fc1', 'fc2')
+
+
+def op_groups(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> 'layer pass: opcode', from the op_name metadata jax writes into every instruction."""
+  groups = {}
+  pattern = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*op_name="([^"]*)"', re.MULTILINE)
+  for name, op_name in pattern.findall(hlo_text):
+    kind = re.sub(r'[.\-]\d+$', '', name)  # 'ynn_fusion.13' -> 'ynn_fusion': the op's kind, as XLA names it.
+    layer = next((layer for layer in LAYERS if f'/{layer}/' in op_name or op_name.endswith(f'/{layer}')), None)
+    if layer is None:
+      layer = 'optimizer' if 'update' in op_name or 'apply_updates' in op_name else 'loss, data and other'
+    direction = ' backward' if 'transpose(' in op_name else (' forward' if layer in LAYERS else '')
+    groups[name] = f'{layer}{direction}: {kind}'
+  return groups
+
+
+def main(argv):
+  del argv
+  config = default.get_config()
+  config.update(
+    input_shape=(32, 32, FLAGS.channels), batch_size=FLAGS.batch_size, optimizer='momentum', learning_rate=0.01,
+    schedule='constant',
+  )  # fmt: skip
+  steps_per_epoch = FLAGS.steps
+  rng = np.random.default_rng(0)
+  data = jax.device_put(
+    {
+      'image': rng.normal(size=(steps_per_epoch * FLAGS.batch_size, 32, 32, FLAGS.channels)).astype(np.float32),
+      'label': rng.integers(0, 10, steps_per_epoch * FLAGS.batch_size).astype(np.int32),
+    }
+  )
+  functions = train.training_functions(
+    config, steps_per_epoch * FLAGS.batch_size, NamedSharding(train.device_mesh(), PartitionSpec('batch'))
+  )
+  state = train.create_initial_state(config, steps_per_epoch)
+  keys, indices = jax.jit(functions.epoch_order)(0)
+  compiled = jax.jit(functions.train_step, donate_argnums=0).lower(state, data, indices, keys, 0).compile()
+  groups = op_groups(compiled.as_text())
+  state, metrics = compiled(state, data, indices, keys, 0)
+  jax.block_until_ready(metrics)
+
+  with jax.profiler.trace(FLAGS.trace_dir):
+    start = time.perf_counter()
+    for step in range(FLAGS.steps):
+      state, metrics = compiled(state, data, indices, keys, step)
+    jax.block_until_ready(metrics)
+    wall = time.perf_counter() - start
+
+  newest_trace = max(glob.glob(f'{FLAGS.trace_dir}/**/*.xplane.pb', recursive=True), key=os.path.getmtime)
+  seconds = collections.Counter()
+  for plane in jax.profiler.ProfileData.from_file(newest_trace).planes:
+    for line in plane.lines:
+      for event in line.events:
+        if event.name in groups:
+          seconds[groups[event.name]] += event.duration_ns / 1e9
+  total = sum(seconds.values())
+  print(
+    f'{jax.devices()[0].device_kind} ({jax.default_backend()}), C={FLAGS.channels} B={FLAGS.batch_size}: '
+    f'{1e3 * wall / FLAGS.steps:.2f} ms per step, {FLAGS.batch_size * FLAGS.steps / wall:.0f} images/s; '
+    f'ops {1e3 * total / FLAGS.steps:.2f} ms per step summed over threads'
+  )
+  if not total:
+    print('No op events in the trace (this backend names its ops differently): open it in TensorBoard instead.')
+  for group, group_seconds in seconds.most_common(FLAGS.top):
+    print(f'{100 * group_seconds / total:5.1f}%  {1e3 * group_seconds / FLAGS.steps:7.3f} ms/step  {group}')
+  print(f'Trace: {newest_trace}')
+
+
+if __name__ == '__main__':
+  app.run(main)
