@@ -14,8 +14,9 @@ Every run trains exactly as `python train.py --config=configs/default.py` does (
 training digit shifted by up to a pixel), through train.py's own whole-epoch function, and the seeds of a comparison
 train side by side as one sweep (config.num_models); but for --num_epochs epochs, 3 by default rather than the
 default config's num_epochs, so that each experiment takes about a minute on two CPU cores. Measured with nothing
-else running (load average 1.4): flatten, 3 single runs and 3 sweeps of 5 seeds, 59 s; channels, 2 sweeps of 3
-seeds, 58 s; invariance 21 s. On a loaded machine (load average 3.5 to 4) they took 95, 79 and 23 s.
+else running, as reported by each run (wall time with imports in brackets): flatten, 3 single runs and 3 sweeps of
+5 seeds, 59 to 79 s (84 s); channels, 2 sweeps of 3 seeds, 58 to 63 s (68 s); invariance 21 to 28 s (34 s). With
+--num_epochs=2 they took 65, 48 and 23 s: compiling each run's epoch is a fixed part of the cost.
 """
 
 import functools
