@@ -1,13 +1,14 @@
 """Where a training step's time goes: a jax.profiler trace of train_step, its ops summed per layer and kind.
 
-    python benchmarks/profile_step.py                              # C=3, B=512
+    python benchmarks/profile_step.py                              # step mode, C=3, B=512
     python benchmarks/profile_step.py --channels=1 --batch_size=128 --top=20
+    python benchmarks/profile_step.py --mode=epoch --channels=3 --batch_size=128
 
-The step is train.py's (train_mode='step', momentum SGD, data in memory). Each op XLA runs is attributed to the
-model layer and pass (forward, or backward: the transpose of the forward) named in its HLO metadata, e.g.
-'conv1 forward: concatenate' or 'conv2 backward: ynn_fusion' (XLA:CPU's matmul library
-call); the table gives each group's share of the summed op
-time. The raw trace stays in --trace_dir for TensorBoard's profile plugin or Perfetto.
+The step is train.py's (--mode: train_mode 'step' or 'epoch'; momentum SGD, data in memory, no random shifts).
+Each op XLA runs is attributed to the model layer and pass (forward, or backward: the transpose of the forward)
+named in its HLO metadata, e.g. 'conv1 forward: concatenate' or 'conv2 backward: ynn_fusion' (XLA:CPU's matmul
+library call); the table gives each group's share of the summed op time. The raw trace stays in --trace_dir for
+TensorBoard's profile plugin or Perfetto.
 """
 
 import collections
@@ -32,7 +33,8 @@ from configs import default  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 512, 'Batch size B.')
 flags.DEFINE_integer('channels', 3, 'Input channels C.')
-flags.DEFINE_integer('steps', 20, 'Traced training steps.')
+flags.DEFINE_integer('steps', 20, 'Traced training steps (one epoch of them in epoch mode).')
+flags.DEFINE_enum('mode', 'step', ('step', 'epoch'), "train.py's train_mode: a jitted call per step, or one scan.")
 flags.DEFINE_integer('top', 12, 'Groups to print.')
 flags.DEFINE_string('trace_dir', 'benchmarks/results/trace', 'Where the jax.profiler trace is written.')
 
@@ -58,7 +60,7 @@ def main(argv):
   config = default.get_config()
   config.update(
     input_shape=(32, 32, FLAGS.channels), batch_size=FLAGS.batch_size, optimizer='momentum', learning_rate=0.01,
-    schedule='constant',
+    schedule='constant', random_crop_padding=0,
   )  # fmt: skip
   steps_per_epoch = FLAGS.steps
   rng = np.random.default_rng(0)
@@ -73,15 +75,24 @@ def main(argv):
   )
   state = train.create_initial_state(config, steps_per_epoch)
   keys, indices = jax.jit(functions.epoch_order)(0)
-  compiled = jax.jit(functions.train_step, donate_argnums=0).lower(state, data, indices, keys, 0).compile()
-  groups = op_groups(compiled.as_text())
-  state, metrics = compiled(state, data, indices, keys, 0)
-  jax.block_until_ready(metrics)
+  if FLAGS.mode == 'epoch':
+    compiled = jax.jit(functions.train_epoch, donate_argnums=0).lower(state, data, 0).compile()
+  else:
+    compiled = jax.jit(functions.train_step, donate_argnums=0).lower(state, data, indices, keys, 0).compile()
 
-  with jax.profiler.trace(FLAGS.trace_dir):
-    start = time.perf_counter()
+  def run_steps(state):
+    if FLAGS.mode == 'epoch':
+      return compiled(state, data, 0)
     for step in range(FLAGS.steps):
       state, metrics = compiled(state, data, indices, keys, step)
+    return state, metrics
+
+  groups = op_groups(compiled.as_text())
+  state, metrics = run_steps(state)
+  jax.block_until_ready(metrics)
+  with jax.profiler.trace(FLAGS.trace_dir):
+    start = time.perf_counter()
+    state, metrics = run_steps(state)
     jax.block_until_ready(metrics)
     wall = time.perf_counter() - start
 
@@ -94,7 +105,8 @@ def main(argv):
           seconds[groups[event.name]] += event.duration_ns / 1e9
   total = sum(seconds.values())
   print(
-    f'{jax.devices()[0].device_kind} ({jax.default_backend()}), C={FLAGS.channels} B={FLAGS.batch_size}: '
+    f'{jax.devices()[0].device_kind} ({jax.default_backend()}), {FLAGS.mode} mode, C={FLAGS.channels} '
+    f'B={FLAGS.batch_size}: '
     f'{1e3 * wall / FLAGS.steps:.2f} ms per step, {FLAGS.batch_size * FLAGS.steps / wall:.0f} images/s; '
     f'ops {1e3 * total / FLAGS.steps:.2f} ms per step summed over threads'
   )
