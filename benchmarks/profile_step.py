@@ -42,7 +42,7 @@ LAYERS = ('conv1', 'conv2', 'pool1', 'pool2', 'fc1', 'fc2')
 
 
 def op_groups(hlo_text: str) -> dict[str, str]:
-  """HLO instruction name -> 'layer pass: opcode', from the op_name metadata jax writes into every instruction."""
+  """HLO instruction name -> 'layer pass: kind', from the op_name metadata jax writes into every instruction."""
   groups = {}
   pattern = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*op_name="([^"]*)"', re.MULTILINE)
   for name, op_name in pattern.findall(hlo_text):
