@@ -4,7 +4,8 @@
     python benchmarks/conv_variants.py --batch_sizes=128 --channels=3 --repeats=3
 
 Each formulation is first checked against reference.conv2d (NumPy, float64) to 1e-5, then swapped in for
-model.conv2d and timed as a whole-epoch lax.scan of train.training_functions (momentum SGD, data in memory).
+model.conv2d and timed as a whole-epoch lax.scan of train.training_functions (workload.py: momentum SGD, random
+data in memory).
 Rows are images/s, median of `--repeats`, interleaved so that machine noise hits all alike:
   patches        model.conv2d: kh*kw shifted slices concatenated into [B, H', W', kh*kw*C_in], one matmul
   shifted_sum    the sum over the kh*kw offsets of (shifted slice) @ kernel[i, j], [C_in, C_out] each
@@ -20,13 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import workload  # noqa: E402
+
 import model  # noqa: E402
 import reference  # noqa: E402
-import train  # noqa: E402
-from configs import default  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('batch_sizes', ['32', '128', '512'], 'Batch sizes B.')
@@ -66,31 +66,13 @@ def check_against_reference(conv, channels: int) -> None:
 
 
 def prepare_epoch(batch_size: int, channels: int):
-  """A compiled whole-epoch step with the current model.conv2d, warmed up; returns run() -> seconds."""
+  """A compiled whole-epoch training with the current model.conv2d, warmed up; returns (run() -> seconds, images)."""
   steps = max(10, FLAGS.images_per_repeat // batch_size)
-  config = default.get_config()
-  config.update(
-    input_shape=(32, 32, channels), batch_size=batch_size, optimizer='momentum', learning_rate=0.01,
-    schedule='constant', random_crop_padding=0,
-  )  # fmt: skip
-  rng = np.random.default_rng(0)
-  data = jax.device_put(
-    {
-      'image': rng.normal(size=(steps * batch_size, 32, 32, channels)).astype(np.float32),
-      'label': rng.integers(0, 10, steps * batch_size).astype(np.int32),
-    }
-  )
-  functions = train.training_functions(
-    config, steps * batch_size, NamedSharding(train.device_mesh(), PartitionSpec('batch'))
-  )
-  state = train.create_initial_state(config, steps)
-  epoch = jax.jit(functions.train_epoch, donate_argnums=0).lower(state, data, 0).compile()
+  train_epoch, _, _ = workload.training_epoch(batch_size, channels, steps, 'epoch')
 
   def run():
-    nonlocal state
     start = time.perf_counter()
-    state, metrics = epoch(state, data, 0)
-    jax.block_until_ready(metrics)
+    train_epoch()
     return time.perf_counter() - start
 
   run()

@@ -4,7 +4,7 @@
     python benchmarks/profile_step.py --channels=1 --batch_size=128 --top=20
     python benchmarks/profile_step.py --mode=epoch --channels=3 --batch_size=128
 
-The step is train.py's (--mode: train_mode 'step' or 'epoch'; momentum SGD, data in memory, no random shifts).
+The step is train.py's (--mode: train_mode 'step' or 'epoch'), on workload.py's random data with momentum SGD.
 Each op XLA runs is attributed to the model layer and pass (forward, or backward: the transpose of the forward)
 named in its HLO metadata, e.g. 'conv1 forward: concatenate' or 'conv2 backward: ynn_fusion' (XLA:CPU's matmul
 library call); the table gives each group's share of the summed op time. The raw trace stays in --trace_dir for
@@ -22,13 +22,10 @@ import time
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_enable_xprof_traceme=true'
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
-from configs import default  # noqa: E402
+import workload  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 512, 'Batch size B.')
@@ -57,43 +54,12 @@ def op_groups(hlo_text: str) -> dict[str, str]:
 
 def main(argv):
   del argv
-  config = default.get_config()
-  config.update(
-    input_shape=(32, 32, FLAGS.channels), batch_size=FLAGS.batch_size, optimizer='momentum', learning_rate=0.01,
-    schedule='constant', random_crop_padding=0,
-  )  # fmt: skip
-  steps_per_epoch = FLAGS.steps
-  rng = np.random.default_rng(0)
-  data = jax.device_put(
-    {
-      'image': rng.normal(size=(steps_per_epoch * FLAGS.batch_size, 32, 32, FLAGS.channels)).astype(np.float32),
-      'label': rng.integers(0, 10, steps_per_epoch * FLAGS.batch_size).astype(np.int32),
-    }
-  )
-  functions = train.training_functions(
-    config, steps_per_epoch * FLAGS.batch_size, NamedSharding(train.device_mesh(), PartitionSpec('batch'))
-  )
-  state = train.create_initial_state(config, steps_per_epoch)
-  keys, indices = jax.jit(functions.epoch_order)(0)
-  if FLAGS.mode == 'epoch':
-    compiled = jax.jit(functions.train_epoch, donate_argnums=0).lower(state, data, 0).compile()
-  else:
-    compiled = jax.jit(functions.train_step, donate_argnums=0).lower(state, data, indices, keys, 0).compile()
-
-  def run_steps(state):
-    if FLAGS.mode == 'epoch':
-      return compiled(state, data, 0)
-    for step in range(FLAGS.steps):
-      state, metrics = compiled(state, data, indices, keys, step)
-    return state, metrics
-
+  train_epoch, compiled, _ = workload.training_epoch(FLAGS.batch_size, FLAGS.channels, FLAGS.steps, FLAGS.mode)
   groups = op_groups(compiled.as_text())
-  state, metrics = run_steps(state)
-  jax.block_until_ready(metrics)
+  train_epoch()
   with jax.profiler.trace(FLAGS.trace_dir):
     start = time.perf_counter()
-    state, metrics = run_steps(state)
-    jax.block_until_ready(metrics)
+    train_epoch()
     wall = time.perf_counter() - start
 
   newest_trace = max(glob.glob(f'{FLAGS.trace_dir}/**/*.xplane.pb', recursive=True), key=os.path.getmtime)

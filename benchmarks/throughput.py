@@ -25,13 +25,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
-from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import workload  # noqa: E402
+
 import model  # noqa: E402
-import train  # noqa: E402
 from configs import default  # noqa: E402
 
 try:
@@ -65,39 +64,14 @@ def training_flops_per_image(channels: int) -> int:
 def prepare_tinycnn(batch_size: int, channels: int, mode: str):
   """Builds and warms up one mode; returns (run(repeat) -> (seconds, images), compile seconds)."""
   steps = max(10, FLAGS.images_per_repeat // batch_size)
-  config = default.get_config()
-  config.update(
-    input_shape=(32, 32, channels), batch_size=batch_size, optimizer='momentum', learning_rate=0.01,
-    schedule='constant', num_models=SWEEP_MODELS if mode == 'sweep8' else 1, random_crop_padding=0,
-  )  # fmt: skip
-  rng = np.random.default_rng(0)
-  data = jax.device_put(
-    {
-      'image': rng.normal(size=(steps * batch_size, 32, 32, channels)).astype(np.float32),
-      'label': rng.integers(0, 10, steps * batch_size).astype(np.int32),
-    }
+  models = SWEEP_MODELS if mode == 'sweep8' else 1
+  train_epoch, _, compile_seconds = workload.training_epoch(
+    batch_size, channels, steps, 'epoch' if mode == 'epoch' else 'step', models
   )
-  batch_sharding = NamedSharding(train.device_mesh(), PartitionSpec('batch'))
-  functions = train.training_functions(config, steps * batch_size, batch_sharding)
-  state = train.create_initial_state(config, steps)
-  keys, indices = jax.jit(functions.epoch_order)(0)
-  start = time.perf_counter()
-  if mode == 'epoch':
-    compiled = jax.jit(functions.train_epoch, donate_argnums=0).lower(state, data, 0).compile()
-  else:
-    compiled = jax.jit(functions.train_step, donate_argnums=0).lower(state, data, indices, keys, 0).compile()
-  compile_seconds = time.perf_counter() - start
-  models = config.num_models
 
   def run():
-    nonlocal state
     start = time.perf_counter()
-    if mode == 'epoch':
-      state, metrics = compiled(state, data, 0)
-    else:
-      for step in range(steps):
-        state, metrics = compiled(state, data, indices, keys, step)
-    jax.block_until_ready(metrics)
+    train_epoch()
     return time.perf_counter() - start, steps * batch_size * models
 
   run()

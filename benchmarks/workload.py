@@ -1,0 +1,60 @@
+"""The training workload the benchmarks time: train.py's own training functions on random data held on the device.
+
+Imported by the scripts beside it, which put the repository root on sys.path first.
+"""
+
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+import train
+from configs import default
+
+
+def training_epoch(
+  batch_size: int, channels: int, steps: int, mode: str, num_models: int = 1
+) -> tuple[Callable[[], dict], jax.stages.Compiled, float]:
+  """One epoch of `steps` batches of random [B, 32, 32, C] images, compiled as train_mode `mode` ('step' or 'epoch').
+
+  The optimiser is the PyTorch peer's (SGD, momentum 0.9, learning rate 0.01) and the default's random shifts are
+  off, since the peer makes none. Returns (run, compiled, compile seconds): run() trains the next epoch, one jitted
+  call per step or one for the whole epoch, and returns its last metrics once they are ready; `compiled` is the
+  program XLA runs (train_step's or train_epoch's).
+  """
+  config = default.get_config()
+  config.update(
+    input_shape=(32, 32, channels), batch_size=batch_size, optimizer='momentum', learning_rate=0.01,
+    schedule='constant', num_models=num_models, random_crop_padding=0,
+  )  # fmt: skip
+  rng = np.random.default_rng(0)
+  data = jax.device_put(
+    {
+      'image': rng.normal(size=(steps * batch_size, 32, 32, channels)).astype(np.float32),
+      'label': rng.integers(0, 10, steps * batch_size).astype(np.int32),
+    }
+  )
+  functions = train.training_functions(
+    config, steps * batch_size, NamedSharding(train.device_mesh(), PartitionSpec('batch'))
+  )
+  state = train.create_initial_state(config, steps)
+  keys, indices = jax.jit(functions.epoch_order)(0)
+  start = time.perf_counter()
+  if mode == 'epoch':
+    compiled = jax.jit(functions.train_epoch, donate_argnums=0).lower(state, data, 0).compile()
+  else:
+    compiled = jax.jit(functions.train_step, donate_argnums=0).lower(state, data, indices, keys, 0).compile()
+  compile_seconds = time.perf_counter() - start
+
+  def run() -> dict:
+    nonlocal state
+    if mode == 'epoch':
+      state, metrics = compiled(state, data, 0)
+    else:
+      for step in range(steps):
+        state, metrics = compiled(state, data, indices, keys, step)
+    return jax.block_until_ready(metrics)
+
+  return run, compiled, compile_seconds
