@@ -7,9 +7,10 @@ Default network, for an input of 32x32xC:
                     -> flatten [150] -> fc1 [100] -> fc2 [10] (logits)
 
 Two facts the code makes explicit:
-1. A conv filter is a 3D volume spanning *all* input channels: `conv2d` multiplies each
-   kh x kw x C_in patch with each filter as one dot product, so the channels are summed
-   into one 2D map per filter.
+1. A conv filter is a 3D volume spanning *all* input channels: `conv_windows` multiplies
+   each kh x kw x C_in patch with each filter as one dot product, so the channels are
+   summed into one 2D map per filter. (It does so for a block of outputs at a time, with
+   the output grouped by pooling window, which is what makes it fast on a CPU.)
 2. Flattening loses nothing: `flatten_permutation` gives the order in which the 5x5x6
    volume is laid out as 150 numbers, and any fixed order computes the same function
    once fc1's kernel rows are permuted to match (see tests/model_test.py).
@@ -43,39 +44,113 @@ def conv_output_size(size: int, kernel_size: int, strides: int, padding: str) ->
   return (size - kernel_size) // strides + 1
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str) -> jax.Array:
-  """2D cross-correlation, [B, H, W, C_in] x [kh, kw, C_in, C_out] -> [B, H', W', C_out].
+def _block_width(out_w: int, pool_window: int) -> int:
+  """Output columns per matmul row: a whole row of a narrow map (conv2's 10), else two pooling windows (conv1's 28).
 
-  Every output value is the dot product of one kh x kw x C_in input patch with one 3D
-  filter: all input channels are summed into a single map per filter. The patches are
-  gathered as kh*kw shifted slices and contracted with the kernel in one matmul.
+  Chosen by measurement (benchmarks/conv_variants.py): wider blocks multiply more zeros of the band matrix, narrower
+  ones copy the input more often.
+  """
+  if out_w <= 16 or out_w % (2 * pool_window):
+    return out_w
+  return 2 * pool_window
+
+
+def _band_selection(kernel_size: int, span: int, outputs: int, strides: int) -> np.ndarray:
+  """[kernel_size, span, outputs] 0/1: entry [d, t, j] is 1 where input t is tap d of output j (t = j * strides + d)."""
+  selection = np.zeros((kernel_size, span, outputs), np.int8)
+  for j in range(outputs):
+    selection[np.arange(kernel_size), j * strides + np.arange(kernel_size), j] = 1
+  return selection
+
+
+def conv_windows(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: int, padding: str, pool_window: int):
+  """2D cross-correlation plus bias, grouped by pooling window: [B, H, W, C_in] -> [B, H'/p, W'/n, p, p, n/p, C_out].
+
+  Every output value is the dot product of one kh x kw x C_in input patch with one 3D filter: all input channels
+  are summed into a single map per filter. The output is computed in blocks of p x n positions (p = pool_window,
+  n = `_block_width`): one block is one row of a matmul of the block's input window (flattened) with a band matrix
+  that holds the kernel once per output position of the block, zeros elsewhere. Copying each input window once is
+  far cheaper on a CPU than gathering a kh*kw*C_in patch per output, and the band's columns are ordered
+  (row in window, column in window, window, filter), so pooling reduces axes 3 and 4 of the result without
+  moving data. `window_map` turns the result back into the [B, H', W', C_out] map.
   """
   kh, kw, c_in, c_out = kernel.shape
-  _, h, w, _ = x.shape
+  b, h, w, _ = x.shape
   out_h = conv_output_size(h, kh, strides, padding)
   out_w = conv_output_size(w, kw, strides, padding)
-  if padding == 'SAME':
-    pad_h = max((out_h - 1) * strides + kh - h, 0)
-    pad_w = max((out_w - 1) * strides + kw - w, 0)
-    x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
-  span_h = (out_h - 1) * strides + 1
-  span_w = (out_w - 1) * strides + 1
-  patches = jnp.concatenate(
-    [x[:, i : i + span_h : strides, j : j + span_w : strides, :] for i in range(kh) for j in range(kw)],
-    axis=-1,
-  )  # [B, H', W', kh*kw*C_in], ordered like kernel.reshape(kh*kw*C_in, C_out).
-  return patches @ kernel.reshape(kh * kw * c_in, c_out)
+  p = pool_window
+  n = _block_width(out_w, p)
+  blocks_h, blocks_w = out_h // p, out_w // n
+  step_h, step_w = p * strides, n * strides  # Input distance between neighbouring blocks.
+  steps_h = -(-((p - 1) * strides + kh) // step_h)  # Input rows one block sees, in whole steps.
+  steps_w = -(-((n - 1) * strides + kw) // step_w)
+  rows, cols = (blocks_h - 1 + steps_h) * step_h, (blocks_w - 1 + steps_w) * step_w
+  pad_h = max((out_h - 1) * strides + kh - h, 0) if padding == 'SAME' else 0
+  pad_w = max((out_w - 1) * strides + kw - w, 0) if padding == 'SAME' else 0
+  x = jnp.pad(x, ((0, 0), (pad_h // 2, 0), (pad_w // 2, 0), (0, 0)))[:, :rows, :cols]
+  x = jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, cols - x.shape[2]), (0, 0)))
+  x = x.reshape(b, rows // step_h, step_h, cols // step_w, step_w * c_in)
+  windows = jnp.stack(
+    [
+      jnp.stack([x[:, i : i + blocks_h, :, j : j + blocks_w].transpose(0, 1, 3, 2, 4) for j in range(steps_w)], 4)
+      for i in range(steps_h)
+    ],
+    axis=3,
+  )  # [B, H'/p, W'/n, steps_h, step_h, steps_w, step_w * C_in]: each block's input window.
+  band = jnp.einsum(
+    'yrq,xsj,yxcf->rscqjf',
+    jnp.asarray(_band_selection(kh, steps_h * step_h, p, strides), kernel.dtype),
+    jnp.asarray(_band_selection(kw, steps_w * step_w, n, strides), kernel.dtype),
+    kernel,
+  )  # [window rows, window cols, C_in, p, n, C_out]; output column j of a block is (window j // p, column j % p).
+  band = band.reshape(-1, p, n // p, p, c_out).transpose(0, 1, 3, 2, 4).reshape(-1, p * n * c_out)
+  y = windows.reshape(b * blocks_h * blocks_w, -1) @ band + jnp.tile(bias, p * n)
+  return y.reshape(b, blocks_h, blocks_w, p, p, n // p, c_out)
 
 
-def pool2d(x: jax.Array, kind: str, window: int) -> jax.Array:
-  """Non-overlapping pooling, [B, H, W, C] -> [B, H/window, W/window, C].
+def window_map(y: jax.Array) -> jax.Array:
+  """The conv_windows layout as a map: [B, H'/p, W'/n, p, p, n/p, C] -> [B, H', W', C]."""
+  b, blocks_h, blocks_w, p, _, windows, c = y.shape
+  return y.transpose(0, 1, 3, 2, 5, 4, 6).reshape(b, blocks_h * p, blocks_w * windows * p, c)
 
-  Written as a reshape and a reduction, so the gradient of max pooling is a plain
-  comparison rather than XLA's select-and-scatter.
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str) -> jax.Array:
+  """2D cross-correlation, [B, H, W, C_in] x [kh, kw, C_in, C_out] -> [B, H', W', C_out] (conv_windows as a map)."""
+  return window_map(conv_windows(x, kernel, jnp.zeros(kernel.shape[-1], x.dtype), strides, padding, 1))
+
+
+def _max_over_window(y: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  pooled = y.max(axis=(3, 4))
+  return pooled, (y, pooled)
+
+
+@jax.custom_vjp
+def max_pool_windows(y: jax.Array) -> jax.Array:
+  """Max pooling of the conv_windows layout: [B, H'/p, W'/n, p, p, n/p, C] -> [B, H'/p, W'/n, n/p, C].
+
+  The gradient goes to the maximum of each window, split equally among tied maxima, as jax.grad of jnp.max and
+  reference.pool2d_backward do it. It is written out because jnp.max's own derivative counts the ties with a
+  reduction that costs more on a CPU than the pooling itself; here the count is a sum of p*p elementwise compares.
   """
-  b, h, w, c = x.shape
-  blocks = x.reshape(b, h // window, window, w // window, window, c)
-  return blocks.max(axis=(2, 4)) if kind == 'max' else blocks.mean(axis=(2, 4))
+  return _max_over_window(y)[0]
+
+
+def _max_pool_windows_backward(residuals, grad):
+  y, pooled = residuals
+  p = y.shape[3]
+  is_max = y == pooled[:, :, :, None, None]
+  ties = sum(is_max[:, :, :, i, j].astype(grad.dtype) for i in range(p) for j in range(p))
+  return (jnp.where(is_max, (grad / ties)[:, :, :, None, None], 0),)
+
+
+max_pool_windows.defvjp(_max_over_window, _max_pool_windows_backward)
+
+
+def pool_windows(y: jax.Array, kind: str) -> jax.Array:
+  """Non-overlapping pooling of the conv_windows layout, [B, H'/p, W'/n, p, p, n/p, C] -> [B, H'/p, W'/p, C]."""
+  b, blocks_h, blocks_w, _, _, windows, c = y.shape
+  pooled = max_pool_windows(y) if kind == 'max' else y.mean(axis=(3, 4))
+  return pooled.reshape(b, blocks_h, blocks_w * windows, c)
 
 
 def flatten_permutation(order: str, shape: Sequence[int], seed: int = 0) -> np.ndarray:
@@ -109,12 +184,16 @@ def _check_positive(name: str, value) -> None:
 
 
 class Conv(nn.Module):
-  """A conv layer with an HWIO kernel [kh, kw, C_in, features] and a bias [features]."""
+  """A conv layer with an HWIO kernel [kh, kw, C_in, features] and a bias [features].
+
+  Its output is in the conv_windows layout for the pooling that follows: [B, H'/p, W'/n, p, p, n/p, features].
+  """
 
   features: int
   kernel_size: int
   strides: int
   padding: str
+  pool_window: int
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -122,7 +201,7 @@ class Conv(nn.Module):
       'kernel', nn.initializers.lecun_normal(), (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     )
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    return conv2d(x, kernel, self.strides, self.padding) + bias
+    return conv_windows(x, kernel, bias, self.strides, self.padding, self.pool_window)
 
 
 class CNN(nn.Module):
@@ -176,17 +255,18 @@ class CNN(nn.Module):
           f'model.kernel_size={self.kernel_size} is larger than the {h}x{w} input of conv{i}; '
           f'with padding VALID it must be at most {min(h, w)}.'
         )
-      x = outputs[f'conv{i}'] = activation(
-        Conv(features, self.kernel_size, self.strides, self.padding, name=f'conv{i}')(x)
-      )
-      _, h, w, _ = x.shape
+      h = conv_output_size(h, self.kernel_size, self.strides, self.padding)
+      w = conv_output_size(w, self.kernel_size, self.strides, self.padding)
       if h % self.pool_window or w % self.pool_window:
         divisors = [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
         raise ValueError(
           f'model.pool_window={self.pool_window} does not divide the {h}x{w} output of conv{i}; '
           f'valid windows here: {divisors}.'
         )
-      x = outputs[f'pool{i}'] = pool2d(x, self.pool, self.pool_window)
+      conv = Conv(features, self.kernel_size, self.strides, self.padding, self.pool_window, name=f'conv{i}')
+      activations = activation(conv(x))
+      outputs[f'conv{i}'] = window_map(activations)  # For probes; the model itself pools the windows layout.
+      x = outputs[f'pool{i}'] = pool_windows(activations, self.pool)
     perm = flatten_permutation(self.flatten_order, x.shape[1:], self.flatten_seed)
     x = outputs['flatten'] = x.reshape(x.shape[0], -1)[:, perm]
     for i, features in enumerate((*self.hidden_features, self.num_classes), start=1):

@@ -152,10 +152,10 @@ def pool2d_backward(x: np.ndarray, grad_y: np.ndarray, kind: str, window: int) -
 
   avg: every input in a window contributed 1/window^2 of the output, so it gets 1/window^2 of its gradient.
   max: the gradient goes to the argmax of each window; the others did not affect the output. When several
-  entries tie for the maximum, the gradient is split equally among them: that is what jax.grad gives for
-  model.pool2d's reshape-and-max (reduce_max's derivative rule), and this file matches it. With random inputs the
-  only ties are relu windows that are all zero, where relu's zero slope discards the gradient whichever rule is
-  used; the rule shows only for ties with a nonzero slope, such as a constant feature map under tanh.
+  entries tie for the maximum, the gradient is split equally among them: that is what jax.grad gives for jnp.max
+  (reduce_max's derivative rule) and what model.max_pool_windows does, and this file matches it. With random
+  inputs the only ties are relu windows that are all zero, where relu's zero slope discards the gradient whichever
+  rule is used; the rule shows only for ties with a nonzero slope, such as a constant positive feature map.
   """
   blocks = _windows(x, window)
   b, h, _, w, _, c = blocks.shape

@@ -10,6 +10,7 @@ from absl.testing import parameterized
 from jax import lax
 
 import model
+import reference
 from configs import default
 
 DEFAULT_LAYER_SHAPES_C1 = [
@@ -136,13 +137,40 @@ class ConvolutionTest(parameterized.TestCase):
     )
     np.testing.assert_allclose(model.conv2d(x, kernel, strides, padding), expected, atol=1e-4, rtol=1e-5)
 
+  @parameterized.product(
+    strides=(1, 2), padding=('VALID', 'SAME'), pool_window=(1, 2, 4), channels=(1, 3), kernel_size=(5, 2)
+  )
+  def test_conv_windows_equals_lax_conv(self, strides, padding, pool_window, channels, kernel_size):
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, channels))
+    kernel = jax.random.normal(jax.random.key(4), (kernel_size, kernel_size, channels, 3))
+    bias = jax.random.normal(jax.random.key(5), (3,))
+    expected = lax.conv_general_dilated(
+      x, kernel, (strides, strides), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest'
+    )
+    if expected.shape[1] % pool_window:
+      self.skipTest(f'pool_window={pool_window} does not divide the {expected.shape[1]}-wide output')
+    y = model.conv_windows(x, kernel, bias, strides, padding, pool_window)
+    np.testing.assert_allclose(model.window_map(y), expected + bias, atol=1e-4, rtol=1e-5)
+
   @parameterized.product(kind=('max', 'avg'), window=(2, 4))
-  def test_pool2d_equals_reduce_window(self, kind, window):
+  def test_pool_windows_equals_reduce_window(self, kind, window):
     x = random_images(3)
+    y = model.conv_windows(x, jnp.eye(3).reshape(1, 1, 3, 3), jnp.zeros(3), 1, 'VALID', window)  # x itself.
     init, op = (-jnp.inf, lax.max) if kind == 'max' else (0.0, lax.add)
-    expected = lax.reduce_window(x, init, op, (1, window, window, 1), (1, window, window, 1), 'VALID')
+    expected = lax.reduce_window(model.window_map(y), init, op, (1, window, window, 1), (1, window, window, 1), 'VALID')
     expected = expected if kind == 'max' else expected / window**2
-    np.testing.assert_allclose(model.pool2d(x, kind, window), expected, atol=1e-6)
+    np.testing.assert_allclose(model.pool_windows(y, kind), expected, atol=1e-5)
+
+  def test_max_pool_gradient_splits_ties_like_the_reference(self):
+    # One 2x2 window holding [[1, 3], [3, 0]]: the maximum 3 is tied, so each 3 gets half the gradient.
+    x = jnp.array([[1.0, 3.0], [3.0, 0.0]]).reshape(1, 2, 2, 1)
+
+    def pooled_sum(x):
+      return model.pool_windows(model.conv_windows(x, jnp.ones((1, 1, 1, 1)), jnp.zeros(1), 1, 'VALID', 2), 'max').sum()
+
+    np.testing.assert_array_equal(jax.grad(pooled_sum)(x).squeeze(), [[0, 0.5], [0.5, 0]])
+    by_hand = reference.pool2d_backward(np.asarray(x), np.ones((1, 1, 1, 1)), 'max', 2)
+    np.testing.assert_array_equal(by_hand.squeeze(), [[0, 0.5], [0.5, 0]])
 
 
 class FlattenOrderTest(parameterized.TestCase):

@@ -270,14 +270,18 @@ def test_max_pool_ties_in_relu_nets_are_all_zero_windows():
 
 
 def test_max_pool_ties_with_nonzero_slope_split_like_jax():
-  """A zero conv1 kernel makes every feature map constant, so every pooling window is a tie; under tanh the slope
-  there is not zero, so conv1's kernel gradient depends on how the tie is routed. jax.grad splits it equally among
-  the tied entries; routing it all to one of them fails here."""
-  config = _config(activation='tanh')
+  """A zero conv1 kernel with positive biases makes every conv1 map constant and positive, so every pool1 window is
+  a tie where relu's slope is 1, and conv1's kernel gradient depends on how the tie is routed. jax.grad splits it
+  equally among the tied entries; routing it all to one of them fails here. conv2's weights are multiples of 1/64
+  and the biases of 1/4, so every sum is exact and pool2's ties stay ties in whatever order a convolution adds."""
+  config = _config()
   params, images, labels = _data(config)
   params['conv1']['kernel'] = np.zeros_like(params['conv1']['kernel'])
+  params['conv1']['bias'] = np.array([0.25, 0.5, 0.75], np.float32)
+  params['conv2'] = jax.tree.map(lambda p: np.round(p * 64) / 64, params['conv2'])
   _, grads = reference.loss_and_grads(params, config.model, images, labels)
   _, expected_grads = _flax_loss_and_grads(params, config, images, labels)
+  assert np.abs(grads['conv1']['kernel']).max() > 1e-3  # The tie routing is what this gradient measures.
   jax.tree.map(_assert_close, grads, expected_grads)
 
 
