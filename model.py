@@ -78,31 +78,30 @@ def conv_windows(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: int,
   b, h, w, _ = x.shape
   out_h = conv_output_size(h, kh, strides, padding)
   out_w = conv_output_size(w, kw, strides, padding)
+  if padding == 'SAME':
+    pad_h = max((out_h - 1) * strides + kh - h, 0)
+    pad_w = max((out_w - 1) * strides + kw - w, 0)
+    x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
   p = pool_window
   n = _block_width(out_w, p)
   blocks_h, blocks_w = out_h // p, out_w // n
-  step_h, step_w = p * strides, n * strides  # Input distance between neighbouring blocks.
-  steps_h = -(-((p - 1) * strides + kh) // step_h)  # Input rows one block sees, in whole steps.
-  steps_w = -(-((n - 1) * strides + kw) // step_w)
-  rows, cols = (blocks_h - 1 + steps_h) * step_h, (blocks_w - 1 + steps_w) * step_w
-  pad_h = max((out_h - 1) * strides + kh - h, 0) if padding == 'SAME' else 0
-  pad_w = max((out_w - 1) * strides + kw - w, 0) if padding == 'SAME' else 0
-  x = jnp.pad(x, ((0, 0), (pad_h // 2, 0), (pad_w // 2, 0), (0, 0)))[:, :rows, :cols]
-  x = jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, cols - x.shape[2]), (0, 0)))
-  x = x.reshape(b, rows // step_h, step_h, cols // step_w, step_w * c_in)
+  window_h, window_w = (p - 1) * strides + kh, (n - 1) * strides + kw  # The input a block of outputs sees.
+  span_h = (blocks_h - 1) * p * strides + 1
   windows = jnp.stack(
     [
-      jnp.stack([x[:, i : i + blocks_h, :, j : j + blocks_w].transpose(0, 1, 3, 2, 4) for j in range(steps_w)], 4)
-      for i in range(steps_h)
+      jnp.stack(
+        [x[:, r : r + span_h : p * strides, k * n * strides : k * n * strides + window_w] for r in range(window_h)], 2
+      )
+      for k in range(blocks_w)
     ],
-    axis=3,
-  )  # [B, H'/p, W'/n, steps_h, step_h, steps_w, step_w * C_in]: each block's input window.
+    axis=2,
+  )  # [B, H'/p, W'/n, window_h, window_w, C_in]: each block's input window.
   band = jnp.einsum(
     'yrq,xsj,yxcf->rscqjf',
-    jnp.asarray(_band_selection(kh, steps_h * step_h, p, strides), kernel.dtype),
-    jnp.asarray(_band_selection(kw, steps_w * step_w, n, strides), kernel.dtype),
+    jnp.asarray(_band_selection(kh, window_h, p, strides), kernel.dtype),
+    jnp.asarray(_band_selection(kw, window_w, n, strides), kernel.dtype),
     kernel,
-  )  # [window rows, window cols, C_in, p, n, C_out]; output column j of a block is (window j // p, column j % p).
+  )  # [window_h, window_w, C_in, p, n, C_out]; output column j of a block is (window j // p, column j % p).
   band = band.reshape(-1, p, n // p, p, c_out).transpose(0, 1, 3, 2, 4).reshape(-1, p * n * c_out)
   y = windows.reshape(b * blocks_h * blocks_w, -1) @ band + jnp.tile(bias, p * n)
   return y.reshape(b, blocks_h, blocks_w, p, p, n // p, c_out)
