@@ -15,8 +15,9 @@ training digit shifted by up to a pixel), through train.py's own whole-epoch fun
 train side by side as one sweep (config.num_models); but for --num_epochs epochs, 3 by default rather than the
 default config's num_epochs, so that each experiment takes about a minute on two CPU cores. Measured with nothing
 else running, as reported by each run (wall time with imports in brackets): flatten, 3 single runs and 3 sweeps of
-5 seeds, 59 to 79 s (84 s); channels, 2 sweeps of 3 seeds, 58 to 63 s (68 s); invariance 21 to 28 s (34 s). With
---num_epochs=2 they took 65, 48 and 23 s: compiling each run's epoch is a fixed part of the cost.
+5 seeds, 59 s (65 s); channels, 2 sweeps of 3 seeds, 59 s (65 s); invariance 29 s (35 s). Compiling each run's
+epoch function is most of it: with --num_epochs=2 they took 65, 48 and 23 s before training itself got 2-3x
+faster (benchmarks/README.md), which left these times nearly where they were.
 """
 
 import functools
