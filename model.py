@@ -70,9 +70,9 @@ def conv_windows(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: int,
   are summed into a single map per filter. The output is computed in blocks of p x n positions (p = pool_window,
   n = `_block_width`): one block is one row of a matmul of the block's input window (flattened) with a band matrix
   that holds the kernel once per output position of the block, zeros elsewhere. Copying each input window once is
-  far cheaper on a CPU than gathering a kh*kw*C_in patch per output, and the band's columns are ordered
-  (row in window, column in window, window, filter), so pooling reduces axes 3 and 4 of the result without
-  moving data. `window_map` turns the result back into the [B, H', W', C_out] map.
+  far cheaper on a CPU than gathering a kh*kw*C_in patch per output, and the band's columns are ordered (row
+  within a pooling window, column within it, pooling window, filter), so pooling reduces axes 3 and 4 of the
+  result without moving data. `window_map` turns the result back into the [B, H', W', C_out] map.
   """
   kh, kw, c_in, c_out = kernel.shape
   b, h, w, _ = x.shape
