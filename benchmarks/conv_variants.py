@@ -37,27 +37,28 @@ flags.DEFINE_integer('repeats', 5, 'Timed repeats per formulation.')
 flags.DEFINE_integer('images_per_repeat', 8192, 'Training images per timed repeat.')
 
 
-def patches(x: jax.Array, kernel: jax.Array, strides: int, padding: str) -> jax.Array:
-  """[B, H, W, C_in] x [kh, kw, C_in, C_out] -> [B, H', W', C_out] as one [kh*kw*C_in]-long patch per output."""
+def shifted_slices(x: jax.Array, kernel_shape: tuple[int, ...], strides: int, padding: str) -> list[jax.Array]:
+  """The kh*kw inputs [B, H', W', C_in] that kernel taps (0, 0), (0, 1), ..., (kh-1, kw-1) multiply."""
   assert padding == 'VALID', 'the default network has no padding'
-  kh, kw, c_in, c_out = kernel.shape
+  kh, kw, _, _ = kernel_shape
   out_h = model.conv_output_size(x.shape[1], kh, strides, padding)
   out_w = model.conv_output_size(x.shape[2], kw, strides, padding)
   span_h, span_w = (out_h - 1) * strides + 1, (out_w - 1) * strides + 1
-  columns = [x[:, i : i + span_h : strides, j : j + span_w : strides, :] for i in range(kh) for j in range(kw)]
+  return [x[:, i : i + span_h : strides, j : j + span_w : strides, :] for i in range(kh) for j in range(kw)]
+
+
+def patches(x: jax.Array, kernel: jax.Array, strides: int, padding: str) -> jax.Array:
+  """[B, H, W, C_in] x [kh, kw, C_in, C_out] -> [B, H', W', C_out] as one [kh*kw*C_in]-long patch per output."""
+  kh, kw, c_in, c_out = kernel.shape
+  columns = shifted_slices(x, kernel.shape, strides, padding)
   return jnp.concatenate(columns, axis=-1) @ kernel.reshape(kh * kw * c_in, c_out)
 
 
 def shifted_sum(x: jax.Array, kernel: jax.Array, strides: int, padding: str) -> jax.Array:
   """[B, H, W, C_in] x [kh, kw, C_in, C_out] -> [B, H', W', C_out] as kh*kw accumulated [C_in, C_out] matmuls."""
-  assert padding == 'VALID', 'the default network has no padding'
-  kh, kw, _, _ = kernel.shape
-  out_h = model.conv_output_size(x.shape[1], kh, strides, padding)
-  out_w = model.conv_output_size(x.shape[2], kw, strides, padding)
-  span_h, span_w = (out_h - 1) * strides + 1, (out_w - 1) * strides + 1
-  return sum(
-    x[:, i : i + span_h : strides, j : j + span_w : strides, :] @ kernel[i, j] for i in range(kh) for j in range(kw)
-  )
+  kh, kw, c_in, c_out = kernel.shape
+  taps = kernel.reshape(kh * kw, c_in, c_out)
+  return sum(part @ tap for part, tap in zip(shifted_slices(x, kernel.shape, strides, padding), taps, strict=True))
 
 
 def lax_conv(x: jax.Array, kernel: jax.Array, strides: int, padding: str) -> jax.Array:
