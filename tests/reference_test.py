@@ -272,8 +272,9 @@ def test_max_pool_ties_in_relu_nets_are_all_zero_windows():
 def test_max_pool_ties_with_nonzero_slope_split_like_jax():
   """A zero conv1 kernel with positive biases makes every conv1 map constant and positive, so every pool1 window is
   a tie where relu's slope is 1, and conv1's kernel gradient depends on how the tie is routed. jax.grad splits it
-  equally among the tied entries; routing it all to one of them fails here. conv2's weights are multiples of 1/64
-  and the biases of 1/4, so every sum is exact and pool2's ties stay ties in whatever order a convolution adds."""
+  equally among the tied entries; routing it all to one of them fails here. conv2's kernel and bias are multiples
+  of 1/64 and conv1's biases of 1/4, so every sum is exact and pool2's ties stay ties in whatever order a convolution
+  adds."""
   config = _config()
   params, images, labels = _data(config)
   params['conv1']['kernel'] = np.zeros_like(params['conv1']['kernel'])
