@@ -29,6 +29,7 @@ import workload  # noqa: E402
 
 import model  # noqa: E402
 import reference  # noqa: E402
+import train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('batch_sizes', ['32', '128', '512'], 'Batch sizes B.')
@@ -107,6 +108,7 @@ def prepare_epoch(batch_size: int, channels: int):
 
 def main(argv):
   del argv
+  train.keep_freed_memory()
   model_conv_windows = model.conv_windows
   print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; images/s, median (min-max)')
   for channels in map(int, FLAGS.channels):

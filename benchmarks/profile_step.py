@@ -27,6 +27,8 @@ from absl import app, flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import workload  # noqa: E402
 
+import train  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 512, 'Batch size B.')
 flags.DEFINE_integer('channels', 3, 'Input channels C.')
@@ -54,6 +56,7 @@ def op_groups(hlo_text: str) -> dict[str, str]:
 
 def main(argv):
   del argv
+  train.keep_freed_memory()
   train_epoch, compiled, _ = workload.training_epoch(FLAGS.batch_size, FLAGS.channels, FLAGS.steps, FLAGS.mode)
   groups = op_groups(compiled.as_text())
   train_epoch()

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import workload  # noqa: E402
 
 import model  # noqa: E402
+import train  # noqa: E402
 from configs import default  # noqa: E402
 
 try:
@@ -99,6 +100,7 @@ def peak_gflops(size: int = 4096, repeats: int = 5) -> float:
 
 def main(argv):
   del argv
+  train.keep_freed_memory()  # As train.py does; the PyTorch peer, in this process too, gets it as well.
   peak = peak_gflops()
   device = f'{jax.devices()[0].device_kind} ({jax.default_backend()})'
   print(f'{device}, jax {jax.__version__}; peak fp32 matmul {peak:.0f} GFLOP/s')
