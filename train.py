@@ -440,16 +440,18 @@ def keep_freed_memory() -> None:
   """Lets glibc's malloc keep freed memory for reuse instead of handing it back to the OS (a no-op off Linux).
 
   Each call of a compiled step on the CPU allocates its temporary buffers afresh (41 MB for C=3 at B=512).
-  glibc maps a block that large from the OS on every call and unmaps it on free, so every step page-faults its
-  way through fresh pages: step mode ran at 0.6x the rate of the same steps inside one lax.scan, and at 1.0x with
-  this. It changes the whole process, so only entry points call it (main below, the benchmarks).
+  By default glibc maps a block that large from the OS on every call and unmaps it when freed, so every step
+  page-faults its way through fresh pages: 4,400 faults per step, and step mode ran at 0.6-0.7x the rate of the
+  same steps inside one lax.scan. It changes the whole process, so only entry points call it (main below, the
+  benchmarks).
   """
   if sys.platform.startswith('linux'):
     mallopt = getattr(ctypes.CDLL(None), 'mallopt', None)  # glibc's; musl's is a no-op.
     if mallopt is not None:
-      mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD and M_TRIM_THRESHOLD from <malloc.h>.
-      mallopt(mmap_threshold, 1 << 30)  # Blocks under 1 GiB come from the heap, which reuses freed memory...
-      mallopt(trim_threshold, 1 << 30)  # ...and keeps up to 1 GiB of it free rather than returning it.
+      trim_threshold, mmap_threshold, arena_max = -1, -3, -8  # M_TRIM_THRESHOLD, ... from <malloc.h>.
+      mallopt(mmap_threshold, 1 << 30)  # Blocks under 1 GiB come from the heap, which reuses freed memory,
+      mallopt(trim_threshold, 1 << 30)  # keeping up to 1 GiB of it free rather than returning it,
+      mallopt(arena_max, 1)  # and every thread uses that heap (other threads' arenas unmap what they free).
 
 
 def _fmt(value: np.ndarray) -> str:
