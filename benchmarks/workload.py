@@ -30,16 +30,17 @@ def training_epoch(
     schedule='constant', num_models=num_models, random_crop_padding=0,
   )  # fmt: skip
   rng = np.random.default_rng(0)
+  mesh = train.device_mesh()
+  replicated = NamedSharding(mesh, PartitionSpec())
   data = jax.device_put(
     {
       'image': rng.normal(size=(steps * batch_size, 32, 32, channels)).astype(np.float32),
       'label': rng.integers(0, 10, steps * batch_size).astype(np.int32),
-    }
+    },
+    replicated,
   )
-  functions = train.training_functions(
-    config, steps * batch_size, NamedSharding(train.device_mesh(), PartitionSpec('batch'))
-  )
-  state = train.create_initial_state(config, steps)
+  functions = train.training_functions(config, steps * batch_size, NamedSharding(mesh, PartitionSpec('batch')))
+  state = jax.device_put(train.create_initial_state(config, steps), replicated)
   keys, indices = jax.jit(functions.epoch_order)(0)
   start = time.perf_counter()
   if mode == 'epoch':
