@@ -34,6 +34,7 @@ flags.DEFINE_integer('batch_size', 512, 'Batch size B.')
 flags.DEFINE_integer('channels', 3, 'Input channels C.')
 flags.DEFINE_integer('steps', 20, 'Traced training steps (one epoch of them in epoch mode).')
 flags.DEFINE_enum('mode', 'step', ('step', 'epoch'), "train.py's train_mode: a jitted call per step, or one scan.")
+flags.DEFINE_integer('num_models', 1, 'Models trained side by side with jax.vmap (config.num_models).')
 flags.DEFINE_integer('top', 12, 'Groups to print.')
 flags.DEFINE_string('trace_dir', 'benchmarks/results/trace', 'Where the jax.profiler trace is written.')
 
@@ -57,7 +58,9 @@ def op_groups(hlo_text: str) -> dict[str, str]:
 def main(argv):
   del argv
   train.keep_freed_memory()
-  train_epoch, compiled, _ = workload.training_epoch(FLAGS.batch_size, FLAGS.channels, FLAGS.steps, FLAGS.mode)
+  train_epoch, compiled, _ = workload.training_epoch(
+    FLAGS.batch_size, FLAGS.channels, FLAGS.steps, FLAGS.mode, FLAGS.num_models
+  )
   groups = op_groups(compiled.as_text())
   train_epoch()
   with jax.profiler.trace(FLAGS.trace_dir):
@@ -73,11 +76,13 @@ def main(argv):
         if event.name in groups:
           seconds[groups[event.name]] += event.duration_ns / 1e9
   total = sum(seconds.values())
+  models = f' K={FLAGS.num_models} models' if FLAGS.num_models > 1 else ''
+  rate = FLAGS.num_models * FLAGS.batch_size * FLAGS.steps / wall
   print(
     f'{jax.devices()[0].device_kind} ({jax.default_backend()}), {FLAGS.mode} mode, C={FLAGS.channels} '
-    f'B={FLAGS.batch_size}: '
-    f'{1e3 * wall / FLAGS.steps:.2f} ms per step, {FLAGS.batch_size * FLAGS.steps / wall:.0f} images/s; '
-    f'ops {1e3 * total / FLAGS.steps:.2f} ms per step summed over threads'
+    f'B={FLAGS.batch_size}{models}: {1e3 * wall / FLAGS.steps:.2f} ms per step, '
+    f'{rate:.0f} {"model-images" if models else "images"}/s; ops {1e3 * total / FLAGS.steps:.2f} ms per step summed '
+    'over threads'
   )
   if not total:
     print('No op events in the trace (this backend names its ops differently): open it in TensorBoard instead.')
