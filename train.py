@@ -441,7 +441,7 @@ def keep_freed_memory() -> None:
 
   Each call of a compiled step on the CPU allocates its temporary buffers afresh (41 MB for C=3 at B=512).
   By default glibc maps a block that large from the OS on every call and unmaps it when freed, so every step
-  page-faults its way through fresh pages: about 4,400 faults per step, and step mode ran at 0.6-0.7x the rate
+  page-faults its way through fresh pages: 10,000 faults per step, and step mode ran at 0.6-0.7x the rate
   of the same steps inside one lax.scan. It changes the whole process, so only entry points call it (main below,
   explain.py, the benchmarks), before the first computation: a thread that has already allocated keeps its arena.
   """
