@@ -10,6 +10,7 @@ peer does not make either. Rows, per input channels C and batch size B:
   epoch     a whole epoch in one jitted lax.scan (train_mode='epoch'), images/s
   sweep8    8 models in one vmapped step (num_models=8), model-images/s; compare with `step`, which is what 8
             sequential runs would each reach
+  sweep8_epoch  the same 8 models, a whole epoch of them in one lax.scan (num_models=8, train_mode='epoch')
   torch:*   benchmarks/torch_peer.py, when torch is installed (pip install -r benchmarks/requirements.txt)
 Warm-up is excluded; each variant is timed `--repeats` times, interleaved with the others so that machine noise
 hits all alike, and reported as median (min-max). The compile time of `train_step` is printed per (C, B). Results
@@ -40,17 +41,19 @@ except ImportError:  # torch is a benchmark-only dependency.
   torch_peer = None
 
 FLAGS = flags.FLAGS
+SWEEP_MODELS = 8
+MODES = ('step', 'epoch', 'sweep8', 'sweep8_epoch')
+
 flags.DEFINE_list('batch_sizes', ['32', '128', '512', '2048'], 'Batch sizes B.')
 flags.DEFINE_list('channels', ['1', '3'], 'Input channels C.')
-flags.DEFINE_list('modes', ['step', 'epoch', 'sweep8'], 'tinycnn training modes to time.')
+flags.DEFINE_list('modes', list(MODES), f'tinycnn training modes to time, of {MODES}.')
+flags.register_validator('modes', lambda modes: set(modes) <= set(MODES), f'--modes must be a list of {MODES}.')
 flags.DEFINE_bool('torch', True, 'Time the PyTorch peer too, when torch is installed.')
 flags.DEFINE_list('torch_variants', None, 'PyTorch peer variants (default: all of torch_peer.VARIANTS).')
 flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant.')
 flags.DEFINE_integer('images_per_repeat', 16384, 'Training images per timed repeat (at least 10 steps).')
 flags.DEFINE_integer('threads', 2, 'Threads for the PyTorch peer.')
 flags.DEFINE_string('output', 'benchmarks/results/throughput.json', 'Where to save the results as JSON.')
-
-SWEEP_MODELS = 8
 
 
 def training_flops_per_image(channels: int) -> int:
@@ -65,9 +68,9 @@ def training_flops_per_image(channels: int) -> int:
 def prepare_tinycnn(batch_size: int, channels: int, mode: str):
   """Builds and warms up one mode; returns (run(repeat) -> (seconds, images), compile seconds)."""
   steps = max(10, FLAGS.images_per_repeat // batch_size)
-  models = SWEEP_MODELS if mode == 'sweep8' else 1
+  models = SWEEP_MODELS if mode.startswith('sweep') else 1
   train_epoch, _, compile_seconds = workload.training_epoch(
-    batch_size, channels, steps, 'epoch' if mode == 'epoch' else 'step', models
+    batch_size, channels, steps, 'epoch' if mode.endswith('epoch') else 'step', models
   )
 
   def run():
