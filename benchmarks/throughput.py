@@ -42,12 +42,18 @@ except ImportError:  # torch is a benchmark-only dependency.
 
 FLAGS = flags.FLAGS
 SWEEP_MODELS = 8
-MODES = ('step', 'epoch', 'sweep8', 'sweep8_epoch')
+# Each mode's (config.train_mode, config.num_models).
+MODES = {
+  'step': ('step', 1),
+  'epoch': ('epoch', 1),
+  'sweep8': ('step', SWEEP_MODELS),
+  'sweep8_epoch': ('epoch', SWEEP_MODELS),
+}
 
 flags.DEFINE_list('batch_sizes', ['32', '128', '512', '2048'], 'Batch sizes B.')
 flags.DEFINE_list('channels', ['1', '3'], 'Input channels C.')
-flags.DEFINE_list('modes', list(MODES), f'tinycnn training modes to time, of {MODES}.')
-flags.register_validator('modes', lambda modes: set(modes) <= set(MODES), f'--modes must be a list of {MODES}.')
+flags.DEFINE_list('modes', list(MODES), f'tinycnn training modes to time, of {tuple(MODES)}.')
+flags.register_validator('modes', lambda modes: set(modes) <= set(MODES), f'--modes must be a list of {tuple(MODES)}.')
 flags.DEFINE_bool('torch', True, 'Time the PyTorch peer too, when torch is installed.')
 flags.DEFINE_list('torch_variants', None, 'PyTorch peer variants (default: all of torch_peer.VARIANTS).')
 flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant.')
@@ -68,10 +74,8 @@ def training_flops_per_image(channels: int) -> int:
 def prepare_tinycnn(batch_size: int, channels: int, mode: str):
   """Builds and warms up one mode; returns (run(repeat) -> (seconds, images), compile seconds)."""
   steps = max(10, FLAGS.images_per_repeat // batch_size)
-  models = SWEEP_MODELS if mode.startswith('sweep') else 1
-  train_epoch, _, compile_seconds = workload.training_epoch(
-    batch_size, channels, steps, 'epoch' if mode.endswith('epoch') else 'step', models
-  )
+  train_mode, models = MODES[mode]
+  train_epoch, _, compile_seconds = workload.training_epoch(batch_size, channels, steps, train_mode, models)
 
   def run():
     start = time.perf_counter()
