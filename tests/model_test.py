@@ -152,6 +152,30 @@ class ConvolutionTest(parameterized.TestCase):
     y = model.conv_windows(x, kernel, bias, strides, padding, pool_window)
     np.testing.assert_allclose(model.window_map(y), expected + bias, atol=1e-4, rtol=1e-5)
 
+  @parameterized.product(strides=(1, 2), padding=('VALID', 'SAME'), channels=(1, 3))
+  def test_conv_windows_gradients_equal_lax_conv(self, strides, padding, channels):
+    # conv_windows computes its band gradient its own way (windows_matmul); the input, kernel and bias
+    # gradients must still be those of the convolution.
+    x = jax.random.normal(jax.random.key(3), (2, 16, 16, channels))
+    kernel = jax.random.normal(jax.random.key(4), (5, 5, channels, 3))
+    bias = jax.random.normal(jax.random.key(5), (3,))
+    size = model.conv_output_size(16, 5, strides, padding)
+    weights = jax.random.normal(jax.random.key(6), (2, size, size, 3))
+
+    def windows_loss(x, kernel, bias):
+      return jnp.vdot(model.window_map(model.conv_windows(x, kernel, bias, strides, padding, 2)), weights)
+
+    def lax_loss(x, kernel, bias):
+      y = lax.conv_general_dilated(
+        x, kernel, (strides, strides), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest'
+      )
+      return jnp.vdot(y + bias, weights)
+
+    grads = jax.grad(windows_loss, argnums=(0, 1, 2))(x, kernel, bias)
+    expected = jax.grad(lax_loss, argnums=(0, 1, 2))(x, kernel, bias)
+    for name, grad, want in zip(('input', 'kernel', 'bias'), grads, expected, strict=True):
+      np.testing.assert_allclose(grad, want, atol=1e-4, rtol=1e-5, err_msg=name)
+
   @parameterized.product(kind=('max', 'avg'), window=(2, 4))
   def test_pool_windows_equals_reduce_window(self, kind, window):
     x = random_images(3)
