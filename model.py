@@ -114,13 +114,13 @@ def windows_matmul(windows: jax.Array, band: jax.Array) -> jax.Array:
   The band gradient contracts the R rows of the tall windows matrix (R = 12,544 for conv1 at B=128). XLA:CPU
   computes windowsᵀ @ grad with the windows as the left operand, whose packing for the matmul took a tenth of a
   step's CPU time; as the right operand of gradᵀ @ windows they are packed in the order they are stored, and
-  a whole training step ran 1.07-1.10x faster (benchmarks/README.md). The values are the same sums.
+  a whole training step ran 1.06-1.09x faster (benchmarks/README.md). The values are the same sums.
   """
   return windows @ band
 
 
 def _windows_matmul_forward(windows, band):
-  return windows @ band, (windows, band)
+  return windows_matmul(windows, band), (windows, band)
 
 
 def _windows_matmul_backward(residuals, grad):

@@ -83,6 +83,13 @@ class ShapesTest(parameterized.TestCase):
     self.assertEqual(table.splitlines()[-1].split()[:2], ['total', '16,644'])
 
 
+def lax_conv(x, kernel, strides, padding):
+  """XLA's own convolution in the model's layouts (NHWC input, HWIO kernel), in full float32 precision."""
+  return lax.conv_general_dilated(
+    x, kernel, (strides, strides), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest'
+  )
+
+
 def numpy_conv_by_loops(x, kernel, bias):
   """The definition, one output value at a time: [B, H, W, C] x [kh, kw, C, F] -> [B, H-kh+1, W-kw+1, F]."""
   batch, height, width, channels = x.shape
@@ -132,9 +139,7 @@ class ConvolutionTest(parameterized.TestCase):
   def test_conv2d_equals_lax_conv(self, strides, padding, size, kernel_size):
     x = jax.random.normal(jax.random.key(3), (2, size, size, 3))
     kernel = jax.random.normal(jax.random.key(4), (kernel_size, kernel_size, 3, 5))
-    expected = lax.conv_general_dilated(
-      x, kernel, (strides, strides), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest'
-    )
+    expected = lax_conv(x, kernel, strides, padding)
     np.testing.assert_allclose(model.conv2d(x, kernel, strides, padding), expected, atol=1e-4, rtol=1e-5)
 
   @parameterized.product(
@@ -144,9 +149,7 @@ class ConvolutionTest(parameterized.TestCase):
     x = jax.random.normal(jax.random.key(3), (2, 32, 32, channels))
     kernel = jax.random.normal(jax.random.key(4), (kernel_size, kernel_size, channels, 3))
     bias = jax.random.normal(jax.random.key(5), (3,))
-    expected = lax.conv_general_dilated(
-      x, kernel, (strides, strides), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest'
-    )
+    expected = lax_conv(x, kernel, strides, padding)
     if expected.shape[1] % pool_window:
       self.skipTest(f'pool_window={pool_window} does not divide the {expected.shape[1]}-wide output')
     y = model.conv_windows(x, kernel, bias, strides, padding, pool_window)
@@ -166,10 +169,7 @@ class ConvolutionTest(parameterized.TestCase):
       return jnp.vdot(model.window_map(model.conv_windows(x, kernel, bias, strides, padding, 2)), weights)
 
     def lax_loss(x, kernel, bias):
-      y = lax.conv_general_dilated(
-        x, kernel, (strides, strides), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest'
-      )
-      return jnp.vdot(y + bias, weights)
+      return jnp.vdot(lax_conv(x, kernel, strides, padding) + bias, weights)
 
     grads = jax.grad(windows_loss, argnums=(0, 1, 2))(x, kernel, bias)
     expected = jax.grad(lax_loss, argnums=(0, 1, 2))(x, kernel, bias)
