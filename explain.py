@@ -476,7 +476,7 @@ def run(experiment: str, out_dir: str, num_epochs: int) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  train.keep_freed_memory()
+  train.tune_cpu_runtime()
   run(flags.FLAGS.experiment, flags.FLAGS.out_dir, flags.FLAGS.num_epochs)
 
 

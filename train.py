@@ -436,22 +436,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   return state, {f'{eval_split}_{name}': (value if sweep else float(value)) for name, value in eval_metrics.items()}
 
 
-def keep_freed_memory() -> None:
-  """Lets glibc's malloc keep freed memory for reuse instead of handing it back to the OS (a no-op off Linux).
+def tune_cpu_runtime() -> None:
+  """Makes jitted steps on the CPU run on the calling thread and reuse freed memory (a no-op for GPU/TPU steps).
 
-  Each call of a compiled step on the CPU allocates its temporary buffers afresh (41 MB for C=3 at B=512).
-  By default glibc maps a block that large from the OS on every call and unmaps it when freed, so every step
-  page-faults its way through fresh pages: 10,000 faults per step, and step mode ran at 0.6-0.7x the rate
-  of the same steps inside one lax.scan. It changes the whole process, so only entry points call it (main below,
-  explain.py, the benchmarks), before the first computation: a thread that has already allocated keeps its arena.
+  Each call of a compiled step on the CPU allocates its temporary buffers afresh (41 MB for C=3 at B=512). By
+  default glibc maps a block that large from the OS on every call and unmaps it when freed, so every step
+  page-faults its way through fresh pages: 10,000 faults per step, and step mode ran at 0.6-0.7x the rate of the
+  same steps inside one lax.scan. Two settings fix that:
+  - glibc's mmap and trim thresholds at 1 GiB, so that smaller blocks come from the heap and stay there when freed;
+  - no asynchronous dispatch on the CPU, so that the calling (main) thread allocates those buffers, from the main
+    heap: a block over 64 MB from one of XLA's worker threads, in an arena of its own, is always mapped afresh.
+    XLA's threads keep their own arenas for their small blocks; one arena shared by all cost 22-78 lock waits per
+    step, and the step ran 1.1-1.4x slower at B=128 (benchmarks/README.md).
+  They change the whole process, so only entry points call this (main below, explain.py, the benchmarks), before
+  the first computation: JAX reads the dispatch setting when it creates its CPU client.
   """
+  jax.config.update('jax_cpu_enable_async_dispatch', False)
   if sys.platform.startswith('linux'):
     mallopt = getattr(ctypes.CDLL(None), 'mallopt', None)  # glibc's; musl's is a no-op.
     if mallopt is not None:
-      trim_threshold, mmap_threshold, arena_max = -1, -3, -8  # M_TRIM_THRESHOLD, ... from <malloc.h>.
-      mallopt(mmap_threshold, 1 << 30)  # Blocks under 1 GiB come from the heap, which reuses freed memory,
-      mallopt(trim_threshold, 1 << 30)  # keeping up to 1 GiB of it free rather than returning it,
-      mallopt(arena_max, 1)  # and every thread uses that heap (other threads' arenas unmap what they free).
+      trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD from <malloc.h>.
+      mallopt(mmap_threshold, 1 << 30)
+      mallopt(trim_threshold, 1 << 30)
 
 
 def _fmt(value: np.ndarray) -> str:
@@ -462,7 +468,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   workdir_lib.quiet_orbax_logging()
-  keep_freed_memory()
+  tune_cpu_runtime()
   if flags.FLAGS.multihost:
     jax.distributed.initialize()  # Finds the coordinator from JAX_COORDINATOR_ADDRESS etc., a TPU pod or SLURM.
   train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)

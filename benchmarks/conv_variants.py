@@ -108,7 +108,7 @@ def prepare_epoch(batch_size: int, channels: int):
 
 def main(argv):
   del argv
-  train.keep_freed_memory()
+  train.tune_cpu_runtime()
   model_conv_windows = model.conv_windows
   print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; images/s, median (min-max)')
   for channels in map(int, FLAGS.channels):

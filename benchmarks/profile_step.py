@@ -57,7 +57,7 @@ def op_groups(hlo_text: str) -> dict[str, str]:
 
 def main(argv):
   del argv
-  train.keep_freed_memory()
+  train.tune_cpu_runtime()
   train_epoch, compiled, _ = workload.training_epoch(
     FLAGS.batch_size, FLAGS.channels, FLAGS.steps, FLAGS.mode, FLAGS.num_models
   )

@@ -107,7 +107,7 @@ def peak_gflops(size: int = 4096, repeats: int = 5) -> float:
 
 def main(argv):
   del argv
-  train.keep_freed_memory()  # As train.py does; the PyTorch peer, in this process too, gets it as well.
+  train.tune_cpu_runtime()  # As train.py does; the PyTorch peer, in this process too, gets it as well.
   peak = peak_gflops()
   device = f'{jax.devices()[0].device_kind} ({jax.default_backend()})'
   print(f'{device}, jax {jax.__version__}; peak fp32 matmul {peak:.0f} GFLOP/s')
