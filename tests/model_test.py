@@ -185,6 +185,20 @@ class ConvolutionTest(parameterized.TestCase):
     expected = expected if kind == 'max' else expected / window**2
     np.testing.assert_allclose(model.pool_windows(y, kind), expected, atol=1e-5)
 
+  @parameterized.product(activation=tuple(model.ACTIVATIONS), pool=model.POOLS)
+  def test_pools_are_of_the_activated_maps(self, activation, pool):
+    # The model pools max before a non-decreasing activation (the same values, a quarter of the activations); gelu,
+    # which is not monotone, and avg pooling, which does not commute with any of them, must activate first.
+    config = make_config(3, activation=activation, pool=pool)
+    x = random_images(3) * 4  # Spread the pre-activations over gelu's dip below 0.
+    outputs = model.create_model(config).apply(
+      {'params': model.init_params(config, jax.random.key(1))}, x, method=model.CNN.layer_outputs
+    )
+    for i in (1, 2):
+      np.testing.assert_allclose(
+        outputs[f'pool{i}'], reference.pool2d(np.asarray(outputs[f'conv{i}']), pool, 2), rtol=1e-6, err_msg=f'pool{i}'
+      )
+
   def test_max_pool_gradient_splits_ties_like_the_reference(self):
     # One 2x2 window holding [[1, 3], [3, 0]]: the maximum 3 is tied, so each 3 gets half the gradient.
     x = jnp.array([[1.0, 3.0], [3.0, 0.0]]).reshape(1, 2, 2, 1)
