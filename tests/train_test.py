@@ -287,6 +287,7 @@ import json, sys
 import jax
 import train
 from configs import default
+train.tune_cpu_runtime()  # As train.py's main does: steps over the 8 devices run on the calling thread.
 config = default.get_config()
 config.update(json.loads(sys.argv[2]))
 indivisible = config.copy_and_resolve_references()
