@@ -437,7 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
 
 
 def tune_cpu_runtime() -> None:
-  """Makes jitted steps on the CPU run on the calling thread and reuse freed memory (a no-op for GPU/TPU steps).
+  """Makes jitted steps on the CPU run on the calling thread and reuse freed memory (GPU/TPU steps are unaffected).
 
   Each call of a compiled step on the CPU allocates its temporary buffers afresh (41 MB for C=3 at B=512). By
   default glibc maps a block that large from the OS on every call and unmaps it when freed, so every step
@@ -446,8 +446,9 @@ def tune_cpu_runtime() -> None:
   - glibc's mmap and trim thresholds at 1 GiB, so that smaller blocks come from the heap and stay there when freed;
   - no asynchronous dispatch on the CPU, so that the calling (main) thread allocates those buffers, from the main
     heap: a block over 64 MB from one of XLA's worker threads, in an arena of its own, is always mapped afresh.
-    XLA's threads keep their own arenas for their small blocks; one arena shared by all cost 22-78 lock waits per
-    step, and the step ran 1.1-1.4x slower at B=128 (benchmarks/README.md).
+    XLA's threads keep their own arenas for their small blocks: one arena shared by all, the earlier way to the
+    same reuse, cost 26-126 lock waits per step against 10-22, and step mode now runs 1.07-1.22x faster than it
+    did then at B=128 and 512 (medians of four alternating runs, benchmarks/README.md).
   They change the whole process, so only entry points call this (main below, explain.py, the benchmarks), before
   the first computation: JAX reads the dispatch setting when it creates its CPU client.
   """
