@@ -328,7 +328,8 @@ config = default.get_config()
 config.input_shape = (32, 32, 3)
 state = train.create_initial_state(config, steps_per_epoch=1)
 rng = np.random.default_rng(0)
-batch = jax.device_put({'image': rng.normal(size=(2048, 32, 32, 3)).astype(np.float32), 'label': np.zeros(2048, int)})
+images = rng.normal(size=(2048, 32, 32, 3)).astype(np.float32)
+batch = jax.device_put({'image': images, 'label': np.zeros(2048, np.int32)})
 step = jax.jit(train.train_step, donate_argnums=0)
 faults = []
 for _ in range(10):
