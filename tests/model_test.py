@@ -196,7 +196,10 @@ class ConvolutionTest(parameterized.TestCase):
     )
     for i in (1, 2):
       np.testing.assert_allclose(
-        outputs[f'pool{i}'], reference.pool2d(np.asarray(outputs[f'conv{i}']), pool, 2), rtol=1e-6, err_msg=f'pool{i}'
+        outputs[f'pool{i}'],
+        reference.pool2d(np.asarray(outputs[f'conv{i}']), pool, config.model.pool_window),
+        rtol=1e-6,
+        err_msg=f'pool{i}',
       )
 
   def test_max_pool_gradient_splits_ties_like_the_reference(self):
