@@ -340,7 +340,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
   restored = workdir_lib.restore_checkpoint(manager, _abstract(state, replicated), workdir, set_aside_corrupt=True)
   if restored is not None:
-    state = restored
+    # The peak learning rate is a hyperparameter in the optimiser state: the config's replaces the checkpoint's,
+    # so that a resumed run can lower it (config_step<N>.json records the change).
+    state = restored.replace(opt_state=restored.opt_state._replace(hyperparams=state.opt_state.hyperparams))
     logging.info('Resumed from the checkpoint at step %d.', int(np.max(state.step)))
   start_step = int(np.max(state.step))
   workdir_lib.save_config(config, workdir, start_step)

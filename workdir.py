@@ -30,7 +30,7 @@ def quiet_orbax_logging() -> None:
 
 
 class IncompatibleCheckpointError(ValueError):
-  """A workdir's checkpoint has parameters of other shapes than the config's model."""
+  """A workdir's checkpoint holds a state of another structure than the config's: another model or optimiser."""
 
 
 def _shapes(tree) -> dict:
@@ -54,33 +54,36 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state) -> None:
   manager.save(step, args=ocp.args.StandardSave(state))
 
 
-def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
-  """Raises IncompatibleCheckpointError unless checkpoint `step` has the parameter shapes of `abstract_params`."""
-  expected, found = _shapes(abstract_params), _shapes(manager.item_metadata(step)['params'])
-  if expected != found:
-    differences = [
-      f'  {name}: checkpoint {found.get(name)}, config {expected.get(name)}'
-      for name in sorted(expected.keys() | found.keys())
-      if expected.get(name) != found.get(name)
-    ]
-    raise IncompatibleCheckpointError(
-      f'The checkpoint at step {step} in {manager.directory} belongs to a different model:\n'
-      + '\n'.join(differences)
-      + '\nUse a new --workdir for this config; the existing checkpoints were left untouched.'
-    )
+def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
+  """Raises IncompatibleCheckpointError unless checkpoint `step` has the leaves and shapes of `abstract_state`."""
+  expected, found = _shapes(abstract_state), _shapes(manager.item_metadata(step))
+  differences = [name for name in sorted(expected.keys() | found.keys()) if expected.get(name) != found.get(name)]
+  if not differences:
+    return
+  if any(name.startswith('params/') for name in differences):
+    cause = 'belongs to a different model'
+  else:
+    cause = 'has the optimiser state of other settings (config.optimizer, weight_decay or grad_clip_norm)'
+  shown = 8
+  raise IncompatibleCheckpointError(
+    f'The checkpoint at step {step} in {manager.directory} {cause}:\n'
+    + '\n'.join(f'  {name}: checkpoint {found.get(name)}, config {expected.get(name)}' for name in differences[:shown])
+    + (f'\n  ... and {len(differences) - shown} more' if len(differences) > shown else '')
+    + '\nUse a new --workdir for this config; the existing checkpoints were left untouched.'
+  )
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: str, *, set_aside_corrupt: bool):
   """The latest checkpoint as a TrainState, or None when there is none.
 
-  A checkpoint of a different model is refused. With `set_aside_corrupt`, a latest checkpoint that cannot be read
-  is moved to workdir/corrupt_checkpoints/ (never deleted) and the previous one is used; a second unreadable one
-  stops the run, since that points to a cause other than an interrupted write.
+  A checkpoint of a different model or optimiser is refused and left where it is. With `set_aside_corrupt`, a
+  latest checkpoint that cannot be read is moved to workdir/corrupt_checkpoints/ (never deleted) and the previous
+  one is used; a second unreadable one stops the run, since that points to a cause other than an interrupted write.
   """
   set_aside = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      _check_compatible(manager, step, abstract_state.params)
+      _check_compatible(manager, step, abstract_state)
       return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except IncompatibleCheckpointError:
       raise

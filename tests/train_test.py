@@ -98,17 +98,37 @@ def test_finished_run_is_not_retrained(short_run):
   assert again_metrics == metrics
 
 
-def test_incompatible_checkpoint_is_refused_and_kept(short_run, tmp_path):
-  workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
-  before = {name: os.path.getmtime(os.path.join(workdir, 'checkpoints', name)) for name in ['62', '93', '124']}
+def wide_config():
   config = wide.get_config()
   config.update(SHORT_RUN)
-  with pytest.raises(
-    ValueError,
-    match=r'(?s)belongs to a different model:\n.*conv1/kernel: checkpoint \(5, 5, 1, 3\), config \(5, 5, 1, 12\)',
-  ):
-    train.train_and_evaluate(config, workdir)
+  return config
+
+
+@pytest.mark.parametrize(
+  'make_config, message',
+  [
+    (wide_config, r'belongs to a different model:\n.*conv1/kernel: checkpoint \(5, 5, 1, 3\), config \(5, 5, 1, 12\)'),
+    # Clipping adds a stage to the optimiser chain: the adam moments move to another place in its state.
+    (lambda: short_config(grad_clip_norm=1.0), r'optimiser state of other settings .*:\n  opt_state/inner_state/0/'),
+  ],
+  ids=['model', 'optimiser'],
+)
+def test_incompatible_checkpoint_is_refused_and_kept(short_run, tmp_path, make_config, message):
+  workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
+  before = {name: os.path.getmtime(os.path.join(workdir, 'checkpoints', name)) for name in ['62', '93', '124']}
+  with pytest.raises(ValueError, match=f'(?s){message}.*Use a new --workdir'):
+    train.train_and_evaluate(make_config(), workdir)
   assert {n: os.path.getmtime(os.path.join(workdir, 'checkpoints', n)) for n in before} == before
+  assert not os.path.exists(os.path.join(workdir, 'corrupt_checkpoints'))
+
+
+def test_resumed_run_takes_the_learning_rate_of_its_config(short_run, tmp_path):
+  workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
+  state, _ = train.train_and_evaluate(short_config(num_epochs=3, learning_rate=1e-4), workdir)
+  assert state.step == 186
+  assert state.opt_state.hyperparams['learning_rate'] == np.float32(1e-4)
+  with open(os.path.join(workdir, 'config_step124.json')) as f:
+    assert json.load(f)['learning_rate'] == 1e-4
 
 
 def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run, tmp_path):
