@@ -1,8 +1,9 @@
 """Input pipeline: each split is loaded into memory once, and batch order is a pure function of (seed, epoch).
 
-`load_split` returns a whole split as normalised float32 arrays. `train_batches` gathers the batches of an epoch from
-it on device, in the order `shuffled_batch_indices(epoch_key(seed, epoch), N, B)`, so a resumed run continues
-mid-epoch exactly and a whole epoch can run inside one jitted loop; `eval_batches` covers a split exactly once.
+`load_split` returns a whole split as normalised float32 arrays. `train_batch` gathers batch `step` of an epoch
+from it on the device, in the order `shuffled_batch_indices(epoch_key(seed, epoch), N, B)`, so a resumed run
+continues mid-epoch exactly and a whole epoch can run inside one jitted loop; `eval_batches` covers a split exactly
+once.
 
 Datasets: 'embedded_mnist' (the default: 5,000 real MNIST digits shipped in data/, see data/README.md) and the tfds
 datasets 'mnist', 'fashion_mnist' and 'cifar10', read through tfds' random-access data source. tfds is imported only
@@ -179,29 +180,6 @@ def train_batch(
   if crop_padding or flip:
     batch['image'] = augment(batch['image'], jax.random.fold_in(key, step), crop_padding, flip)
   return batch
-
-
-_train_batch = jax.jit(train_batch, static_argnames=('crop_padding', 'flip'))
-
-
-def train_batches(
-  data: dict, config: ml_collections.ConfigDict, epoch: int, start_step: int = 0
-) -> Iterator[dict[str, jax.Array]]:
-  """The batches of epoch `epoch` from `start_step` on: {'image': float32 [B, 32, 32, C], 'label': int32 [B]}.
-
-  `data` is a `load_split` result; pass it as device arrays (jax.device_put) so it is not copied to the device each
-  epoch. Batch `step` is the examples shuffled_batch_indices(epoch_key(config.seed, epoch), N, B)[step], augmented
-  as config.random_crop_padding and config.random_flip ask, with fold_in(that key, step).
-  """
-  images, labels = jnp.asarray(data['image']), jnp.asarray(data['label'])
-  check_batch_size(config.batch_size, len(labels))
-  key = epoch_key(config.seed, epoch)
-  indices = shuffled_batch_indices(key, len(labels), config.batch_size)
-  if not 0 <= start_step <= len(indices):
-    raise ValueError(f'start_step={start_step} is not valid; an epoch has steps 0 to {len(indices) - 1}.')
-  data = {'image': images, 'label': labels}
-  for step in range(start_step, len(indices)):
-    yield _train_batch(data, indices, key, step, config.random_crop_padding, config.random_flip)
 
 
 @functools.partial(jax.jit, static_argnames='batch_size')

@@ -125,42 +125,40 @@ def test_missing_tfds_data_fails_fast_with_instructions(tmp_path):
   assert not list(tmp_path.iterdir())  # Nothing downloaded or half-prepared.
 
 
-def _epoch(data, **overrides):
-  config = _config(batch_size=128, random_crop_padding=0, **overrides)  # Unaugmented, to compare with the split.
-  return [jax.device_get(batch) for batch in input_pipeline.train_batches(data, config, 0)]
+def _epoch(data, seed=0, epoch=0):
+  """Every unaugmented batch of an epoch at B=128, as train.py gathers them."""
+  key = input_pipeline.epoch_key(seed, epoch)
+  indices = input_pipeline.shuffled_batch_indices(key, len(data['label']), 128)
+  return [jax.device_get(input_pipeline.train_batch(data, indices, key, step)) for step in range(len(indices))]
 
 
 def test_batch_order_is_a_pure_function_of_seed_and_epoch(train_split):
   data = jax.device_put(train_split)
-  first, again, other_seed = _epoch(data), _epoch(data), _epoch(data, seed=1)
+  first, again, other_seed, next_epoch = _epoch(data), _epoch(data), _epoch(data, seed=1), _epoch(data, epoch=1)
   assert len(first) == input_pipeline.steps_per_epoch(4000, 128) == 31
   for a, b in zip(first, again, strict=True):
     np.testing.assert_array_equal(a['image'], b['image'])
   assert not np.array_equal(first[0]['label'], other_seed[0]['label'])
+  assert not np.array_equal(first[0]['label'], next_epoch[0]['label'])
   indices = np.asarray(input_pipeline.shuffled_batch_indices(input_pipeline.epoch_key(0, 0), 4000, 128))
   assert indices.dtype == np.int32 and indices.shape == (31, 128) and len(np.unique(indices)) == 31 * 128
   np.testing.assert_array_equal(np.concatenate([b['label'] for b in first]), train_split['label'][indices.reshape(-1)])
   np.testing.assert_array_equal(first[-1]['image'], train_split['image'][indices[-1]])
-  # A resumed run picks up mid-epoch exactly.
-  resumed = input_pipeline.train_batches(data, _config(batch_size=128, random_crop_padding=0), 0, start_step=29)
-  np.testing.assert_array_equal([b['label'] for b in resumed], [b['label'] for b in first[29:]])
   # The epoch may be traced, for an epoch run inside jit.
   traced = jax.jit(lambda e: input_pipeline.shuffled_batch_indices(input_pipeline.epoch_key(0, e), 4000, 128))(0)
   np.testing.assert_array_equal(traced, indices)
-  assert not np.array_equal(indices, input_pipeline.shuffled_batch_indices(input_pipeline.epoch_key(0, 1), 4000, 128))
 
 
 def test_augmented_batches_follow_the_documented_keys(train_split):
   step = 3
-  config = _config(batch_size=128, random_crop_padding=4, random_flip=True)
-  batch = next(input_pipeline.train_batches(train_split, config, 0, start_step=step))
   key = input_pipeline.epoch_key(0, 0)
-  indices = input_pipeline.shuffled_batch_indices(key, 4000, 128)[step]
-  images = jnp.asarray(train_split['image'])[indices]
+  indices = input_pipeline.shuffled_batch_indices(key, 4000, 128)
+  batch = input_pipeline.train_batch(train_split, indices, key, step, crop_padding=4, flip=True)
+  images = jnp.asarray(train_split['image'])[indices[step]]
   expected = input_pipeline.augment(images, jax.random.fold_in(key, step), crop_padding=4, flip=True)
   np.testing.assert_array_equal(batch['image'], expected)
-  np.testing.assert_array_equal(batch['label'], train_split['label'][indices])
-  assert not np.array_equal(batch['image'], train_split['image'][indices])
+  np.testing.assert_array_equal(batch['label'], train_split['label'][indices[step]])
+  assert not np.array_equal(batch['image'], train_split['image'][indices[step]])
 
 
 @pytest.mark.parametrize('n', [1000, 999, 50])
@@ -222,6 +220,6 @@ def test_load_split_errors(overrides, split, message):
 
 
 @pytest.mark.parametrize('batch_size', [0, -1, 1001])
-def test_bad_batch_size(test_split, batch_size):
+def test_bad_batch_size(batch_size):
   with pytest.raises(ValueError, match=f'config.batch_size={batch_size} is not valid.*from 1 to 1000'):
-    next(input_pipeline.train_batches(test_split, _config(batch_size=batch_size), 0))
+    input_pipeline.check_batch_size(batch_size, 1000)

@@ -13,8 +13,10 @@ import jax
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 from tensorboard.backend.event_processing import event_accumulator
 
+import input_pipeline
 import train
 from configs import default, wide
 
@@ -227,6 +229,24 @@ def run_train_py(workdir, *flags):
   return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def test_each_step_trains_on_the_batch_of_its_seed_epoch_and_step():
+  config = short_config(random_crop_padding=2, random_flip=True)
+  data = jax.device_put(input_pipeline.load_split(config, 'train'))
+  batch_sharding = NamedSharding(train.device_mesh(), PartitionSpec('batch'))
+  functions = train.training_functions(config, 4000, batch_sharding)
+  for epoch in (0, 1):
+    keys, indices = functions.epoch_order(epoch)
+    key = input_pipeline.epoch_key(config.seed, epoch)
+    np.testing.assert_array_equal(jax.random.key_data(keys), jax.random.key_data(key))
+    np.testing.assert_array_equal(indices, input_pipeline.shuffled_batch_indices(key, 4000, config.batch_size))
+  # Step 5 of epoch 1 is train_step on those examples, each shifted and mirrored with fold_in(key, 5).
+  state = train.create_train_state(config, jax.random.key(0), 62)
+  trained, _ = jax.jit(functions.train_step)(state, data, indices, keys, 5)
+  images = input_pipeline.augment(data['image'][indices[5]], jax.random.fold_in(key, 5), 2, True)
+  expected, _ = jax.jit(train.train_step)(state, {'image': images, 'label': data['label'][indices[5]]})
+  assert_trees_bitwise_equal(trained.params, expected.params)
+
+
 def test_sigkill_then_rerun_resumes_bitwise_exactly(tmp_path):
   flags = ['--config.num_epochs=4', '--config.checkpoint_every_steps=10', '--config.log_every_steps=10']
   config = short_config(num_epochs=4, checkpoint_every_steps=10, log_every_steps=10, eval_every_steps=0)
@@ -277,6 +297,15 @@ def test_epoch_mode_resumes_exactly_from_an_epoch_boundary(tmp_path):
   shutil.move(interrupted / 'checkpoints' / '124', tmp_path / 'set_aside')  # As if stopped after epoch 1.
   resumed, _ = train.train_and_evaluate(config, str(interrupted))
   assert_trees_bitwise_equal(resumed.params, finished.params)
+
+
+def test_epoch_mode_resumes_a_step_mode_run_from_inside_an_epoch(short_run, tmp_path):
+  workdir, state, _ = short_run
+  interrupted = shutil.copytree(workdir, tmp_path / 'run')
+  shutil.move(interrupted / 'checkpoints' / '124', tmp_path / 'set_aside')  # As if stopped at step 93 of 124.
+  resumed, _ = train.train_and_evaluate(short_config(train_mode='epoch', checkpoint_every_steps=62), str(interrupted))
+  assert_trees_close(resumed.params, state.params, atol=1e-6)  # Steps 94..124 by steps: epoch 2 had begun.
+  assert os.path.exists(interrupted / 'config_step93.json')  # The changed train_mode is on record.
 
 
 def test_epoch_mode_refuses_a_cadence_inside_an_epoch(tmp_path):
