@@ -100,7 +100,7 @@ def _read_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
     # download=False: otherwise tfds would go to the network (and, with none, retry for minutes) and prepare the
     # data as tfrecord, which has no random access.
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except (NotImplementedError, FileNotFoundError):
+  except (NotImplementedError, FileNotFoundError, KeyError):  # KeyError: no split found in tfds' default dirs.
     where = data_dir or 'the tfds default, $TFDS_DATA_DIR or ~/tensorflow_datasets'
     raise FileNotFoundError(
       f'{name} is not prepared in a random-access format (array_record) in data_dir={where}. With a network and '

@@ -117,10 +117,12 @@ def test_tfds_datasets_load_under_mock_data(name, tmp_path):
     assert np.any(data['image'][:, 2:30, 2:30] != background)
 
 
-def test_missing_tfds_data_fails_fast_with_instructions(tmp_path):
+@pytest.mark.parametrize('in_config', [True, False], ids=['config.data_dir', 'TFDS_DATA_DIR'])
+def test_missing_tfds_data_fails_fast_with_instructions(in_config, tmp_path, monkeypatch):
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path))
   start = time.monotonic()
   with pytest.raises(FileNotFoundError, match="array_record.*config.data_dir.*config.dataset='embedded_mnist'"):
-    input_pipeline.load_split(_config(dataset='fashion_mnist', data_dir=str(tmp_path)), 'train')
+    input_pipeline.load_split(_config(dataset='fashion_mnist', data_dir=str(tmp_path) if in_config else None), 'train')
   assert time.monotonic() - start < 10
   assert not list(tmp_path.iterdir())  # Nothing downloaded or half-prepared.
 
