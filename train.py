@@ -370,9 +370,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   last_log_time, last_log_step = time.perf_counter(), start_step
   eval_seconds = 0.0
 
+  def log_progress(step, train_metrics):
+    nonlocal last_log_time, last_log_step
+    now = time.perf_counter()
+    steps_per_second = (step - last_log_step) / (now - last_log_time)
+    logging.info(
+      'step %d/%d epoch %d  train loss %s accuracy %s  %.1f steps/s %.0f images/s  ETA %.0f s%s',
+      step, total_steps, -(-step // steps_per_epoch), _fmt(train_metrics['loss']),
+      _fmt(train_metrics['accuracy']), steps_per_second,
+      steps_per_second * config.batch_size * config.num_models, (total_steps - step) / steps_per_second,
+      f'  (compiled in {compile_seconds:.2f} s)' if last_log_step == start_step else '',
+    )  # fmt: skip
+    last_log_time, last_log_step = now, step
+
   def finish_step(step, metrics, state):
     """Logs, evaluates and checkpoints after `step` as the config's cadences ask."""
-    nonlocal pending, last_log_time, last_log_step, eval_seconds
+    nonlocal pending, eval_seconds
     pending.append((step, metrics))
     is_last = step == total_steps
     if step % config.log_every_steps == 0 or is_last:
@@ -380,18 +393,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
       train_metrics = summarize_metrics([m for _, m in pending])
       writer.write(step, 'train', train_metrics)
       pending = []
-      # Whole-epoch training has no time between its steps: report its rate once, at the epoch's end.
-      if config.train_mode == 'step' or step % steps_per_epoch == 0 or is_last:
-        now = time.perf_counter()
-        steps_per_second = (step - last_log_step) / (now - last_log_time)
-        logging.info(
-          'step %d/%d epoch %d  train loss %s accuracy %s  %.1f steps/s %.0f images/s  ETA %.0f s%s',
-          step, total_steps, -(-step // steps_per_epoch), _fmt(train_metrics['loss']),
-          _fmt(train_metrics['accuracy']), steps_per_second,
-          steps_per_second * config.batch_size * config.num_models, (total_steps - step) / steps_per_second,
-          f'  (compiled in {compile_seconds:.2f} s)' if last_log_step == start_step else '',
-        )  # fmt: skip
-        last_log_time, last_log_step = now, step
+      if config.train_mode == 'step':
+        log_progress(step, train_metrics)
     if step % eval_every == 0 and not is_last:
       jax.block_until_ready(state)  # Dispatch runs ahead: count the queued training steps as training.
       eval_start = time.perf_counter()
@@ -414,6 +417,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
         epoch_metrics = jax.device_get(epoch_metrics)
         for i in range(steps_per_epoch):
           finish_step(first_step + i + 1, jax.tree.map(lambda m, i=i: m[i], epoch_metrics), state)
+        # A whole epoch is one call, with no time between its steps: its progress line is once per epoch.
+        log_progress(first_step + steps_per_epoch, summarize_metrics([jax.tree.map(lambda m: m.sum(0), epoch_metrics)]))
       else:
         keys, indices = epoch_order(epoch)
         for i in range(max(start_step - first_step, 0), steps_per_epoch):

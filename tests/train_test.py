@@ -278,11 +278,14 @@ def assert_trees_close(a, b, atol):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=atol), a, b)
 
 
-def test_epoch_mode_trains_exactly_like_step_mode(short_run, tmp_path):
+def test_epoch_mode_trains_exactly_like_step_mode(short_run, tmp_path, caplog):
   workdir, state, metrics = short_run
-  epoch_state, epoch_metrics = train.train_and_evaluate(
-    short_config(train_mode='epoch', checkpoint_every_steps=62), str(tmp_path)
-  )
+  with caplog.at_level('INFO'):
+    epoch_state, epoch_metrics = train.train_and_evaluate(
+      short_config(train_mode='epoch', checkpoint_every_steps=62), str(tmp_path)
+    )
+  progress = [r.getMessage().split('  train loss')[0] for r in caplog.records if ' train loss ' in r.getMessage()]
+  assert progress == ['step 62/124 epoch 1', 'step 124/124 epoch 2']  # One line per epoch, one call each.
   assert_trees_close(epoch_state.params, state.params, atol=1e-6)
   rows = read_metrics(str(tmp_path))
   assert [(r['step'], r['split']) for r in rows] == [(r['step'], r['split']) for r in read_metrics(workdir)]
