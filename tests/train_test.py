@@ -217,7 +217,7 @@ def test_learning_rate_schedules():
 
 def test_compute_metrics_counts_only_unmasked_examples():
   logits = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [5.0, 0.0]])
-  labels = np.array([0, 0, 0, 1])
+  labels = np.array([0, 0, 0, 0])  # The masked last example is classified correctly: counting it would show.
   metrics = train.compute_metrics(logits, labels, mask=np.array([True, True, True, False]))
   assert (int(metrics['correct']), int(metrics['count'])) == (2, 3)
   expected_loss = float(np.sum(optax.softmax_cross_entropy_with_integer_labels(logits[:3], labels[:3])))
