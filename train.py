@@ -9,7 +9,6 @@ The workdir holds `config.json`, `checkpoints/`, `metrics.jsonl` and TensorBoard
 
 import ctypes
 import functools
-import math
 import os
 import sys
 import time
@@ -102,11 +101,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       fail(name, 'it must be an integer >= 0 (0 means once per epoch)')
   if not isinstance(config.random_crop_padding, int) or config.random_crop_padding < 0:
     fail('random_crop_padding', 'it must be an integer >= 0, the most pixels an image moves (0: no shifts)')
-  if (
-    not (isinstance(config.learning_rate, (int, float)) and math.isfinite(config.learning_rate))
-    or config.learning_rate <= 0
-  ):
-    fail('learning_rate', 'it must be a finite number > 0')
+
+  def is_learning_rate(value):  # Stored as float32, where 1e39 is already inf.
+    return isinstance(value, (int, float)) and 0 < value <= float(np.finfo(np.float32).max)
+
+  if not is_learning_rate(config.learning_rate):
+    fail('learning_rate', 'it must be a finite float32 number > 0')
   for name in ('weight_decay', 'grad_clip_norm', 'warmup_epochs'):
     if not config[name] >= 0:
       fail(name, 'it must be a number >= 0')
@@ -119,9 +119,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not isinstance(config.num_models, int) or config.num_models < 1:
     fail('num_models', 'it must be an integer >= 1 (the number of models trained side by side with vmap)')
   if config.learning_rates and (
-    len(config.learning_rates) != config.num_models or not all(lr > 0 for lr in config.learning_rates)
+    config.num_models == 1
+    or len(config.learning_rates) != config.num_models
+    or not all(map(is_learning_rate, config.learning_rates))
   ):
-    fail('learning_rates', f'give none or num_models={config.num_models} learning rates, each > 0')
+    fail(
+      'learning_rates',
+      f'give none, or one finite learning rate > 0 per model of a sweep (num_models={config.num_models}; a single '
+      'model takes config.learning_rate)',
+    )
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] % jax.device_count():
       fail(name, f'it must divide evenly over the {jax.device_count()} devices (a multiple of {jax.device_count()})')

@@ -166,6 +166,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path):
     ({'num_epochs': 0}, r'config\.num_epochs=0 .* integer >= 1'),
     ({'learning_rate': 0.0}, r'config\.learning_rate=0\.0 .* > 0'),
     ({'learning_rate': float('nan')}, r'config\.learning_rate=nan .* finite'),
+    ({'learning_rate': 1e39}, r'config\.learning_rate=1e\+39 .* finite float32'),  # inf as float32.
+    ({'learning_rates': (0.1,)}, r'config\.learning_rates=\(0\.1,\) .* a single model takes config\.learning_rate'),
+    ({'num_models': 2, 'learning_rates': (float('inf'), 0.1)}, r'config\.learning_rates=\(inf, 0\.1\) .* finite'),
     ({'momentum': 1.0}, r'config\.momentum=1\.0 .* \[0, 1\)'),
     ({'weight_decay': -0.1}, r'config\.weight_decay=-0\.1 .* >= 0'),
     ({'schedule': 'warmup_cosine', 'warmup_epochs': 2.0}, r'config\.warmup_epochs=2\.0 .* less than num_epochs=2'),
