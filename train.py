@@ -301,9 +301,10 @@ def _check_finite(pending: list[tuple[int, dict]], learning_rates: np.ndarray) -
     for k in np.flatnonzero(~np.isfinite(losses)):
       which = f' of model {k} (learning rate {learning_rates[k]:g})' if len(losses) > 1 else ''
       raise NonFiniteLossError(
-        f'The training loss{which} became {losses[k]} at step {step}. Likely causes: the learning rate is too '
-        'high (try a smaller --config.learning_rate, a warmup_cosine schedule, or --config.grad_clip_norm=1.0), or '
-        'the input data contain NaN/Inf. The last good checkpoint was kept.'
+        f'The training loss{which} became {losses[k]} at step {step}; the checkpoints before it were kept. Likely '
+        'causes: the learning rate is too high (resume with a smaller --config.learning_rate, or start a new '
+        '--workdir with a warmup_cosine schedule or --config.grad_clip_norm=1.0), or the input data contain NaN/Inf. '
+        'The latest checkpoint holds the parameters its update made, which may already be too large.'
       )
 
 

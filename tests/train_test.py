@@ -146,14 +146,17 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run,
   assert_trees_bitwise_equal(resumed.params, state.params)  # Steps 93..124 were retrained exactly.
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path):
+def test_nan_loss_stops_the_run_before_its_step_is_checkpointed(tmp_path):
   # Adam's first step moves every parameter by about the learning rate: 1e30 overflows the logits at step 2.
   config = short_config(schedule='constant', learning_rate=1e30, checkpoint_every_steps=1)
-  with pytest.raises(train.NonFiniteLossError, match=r'became (nan|inf) at step (\d+)\. .*learning rate') as error:
+  with pytest.raises(
+    train.NonFiniteLossError,
+    match=r'became (nan|inf) at step (\d+); the checkpoints before it were kept\. .*learning rate',
+  ) as error:
     train.train_and_evaluate(config, str(tmp_path))
-  nan_step = int(error.value.args[0].split('at step ')[1].split('.')[0])
+  nan_step = int(error.value.args[0].split('at step ')[1].split(';')[0])
   params, step = train.load_params(config, str(tmp_path))
-  assert step < nan_step
+  assert step == nan_step - 1  # Checkpointed every step, up to the last one with a finite loss.
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
