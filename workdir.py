@@ -8,6 +8,7 @@
 Nothing a user wrote is overwritten or deleted: an unreadable checkpoint is moved to workdir/corrupt_checkpoints/.
 """
 
+import itertools
 import json
 import logging as std_logging
 import os
@@ -110,14 +111,24 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
-  """Saves config.json; a resumed run with a changed config adds config_step<N>.json beside it."""
+  """Saves config.json; a resumed run with a config not yet saved adds config_step<N>[_<i>].json, overwriting none.
+
+  In a multi-host run only process 0 writes.
+  """
+  if jax.process_index() != 0:
+    return
   text = config.to_json_best_effort(indent=2, sort_keys=True)
-  path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
+  names = itertools.chain(
+    ['config.json', f'config_step{step}.json'], (f'config_step{step}_{i}.json' for i in itertools.count(2))
+  )
+  for name in names:
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+      break
     with open(path) as f:
       if f.read() == text:
         return
-    path = os.path.join(workdir, f'config_step{step}.json')
+  if name != 'config.json':
     logging.warning('The config differs from %s/config.json; saving this one as %s.', workdir, path)
   with open(path, 'w') as f:
     f.write(text)
