@@ -207,6 +207,53 @@ def test_every_optimizer_and_schedule_decreases_the_loss(optimizer, schedule):
   assert losses[-1] < losses[0]
 
 
+def hand_written_updates(optimizer, params, grads, learning_rate, momentum, weight_decay, clip_norm):
+  """The update rules written out in float64: SGD, heavy-ball momentum, Adam (optax's defaults b1=0.9, b2=0.999,
+  eps=1e-8) and AdamW; clipping to a global norm first, then coupled L2 decay (g + wd * p) for all but AdamW."""
+  p, trace, m, v = np.asarray(params, np.float64), 0.0, 0.0, 0.0
+  for t, g in enumerate(np.asarray(grads, np.float64), start=1):
+    if clip_norm:
+      g = g * min(1.0, clip_norm / np.linalg.norm(g))
+    if weight_decay and optimizer != 'adamw':
+      g = g + weight_decay * p
+    if optimizer == 'sgd':
+      p = p - learning_rate * g
+    elif optimizer == 'momentum':
+      trace = g + momentum * trace
+      p = p - learning_rate * trace
+    else:
+      m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
+      direction = m / (1 - 0.9**t) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+      p = p - learning_rate * (direction + (weight_decay * p if optimizer == 'adamw' else 0.0))
+  return p
+
+
+@pytest.mark.parametrize(
+  'optimizer, weight_decay, grad_clip_norm',
+  [('sgd', 0, 0), ('momentum', 0, 0), ('adam', 0, 0), ('adamw', 0.1, 0), ('sgd', 0.1, 0), ('momentum', 0.1, 0.5)],
+)
+def test_optimizers_follow_their_update_rules(optimizer, weight_decay, grad_clip_norm):
+  config = short_config(
+    optimizer=optimizer,
+    weight_decay=weight_decay,
+    grad_clip_norm=grad_clip_norm,
+    schedule='constant',
+    learning_rate=0.1,
+  )
+  tx = train.create_optimizer(config, steps_per_epoch=62)
+  params = {'w': np.array([1.0, -2.0, 3.0], np.float32)}
+  # Norms 1.15, 0.37 and 0.72: a clip to 0.5 shortens the first and the last.
+  grads = [[0.5, 0.25, -1.0], [0.1, -0.3, 0.2], [-0.4, 0.6, 0.05]]
+  opt_state = tx.init(params)
+  for g in grads:
+    updates, opt_state = tx.update({'w': np.array(g, np.float32)}, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  expected = hand_written_updates(
+    optimizer, [1.0, -2.0, 3.0], grads, 0.1, config.momentum, weight_decay, grad_clip_norm
+  )
+  np.testing.assert_allclose(params['w'], expected, rtol=1e-5)
+
+
 def test_learning_rate_schedules():
   config = short_config(learning_rate=0.1, num_epochs=10, warmup_epochs=2.0)
   for name, expected in {
