@@ -14,4 +14,5 @@ def get_config():
   config.random_flip = True
   config.batch_size = 128
   config.num_epochs = 30
+  config.eval_every_steps = config.checkpoint_every_steps = 0  # After every epoch, whatever its length.
   return config

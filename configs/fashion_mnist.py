@@ -11,4 +11,5 @@ def get_config():
   config.dataset = 'fashion_mnist'
   config.batch_size = 128
   config.num_epochs = 15
+  config.eval_every_steps = config.checkpoint_every_steps = 0  # After every epoch, whatever its length.
   return config
