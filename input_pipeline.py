@@ -61,6 +61,13 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
   if split == 'validation' and validation_size < 1:
     raise ValueError(f"split='validation' needs config.validation_size >= 1; it is {validation_size}.")
 
+  # Every dataset here is 32x32 once its 28x28 digits are padded: a mismatch is found before any data is read.
+  image_shape = (IMAGE_SIZE, IMAGE_SIZE, len(TRAIN_STATS[config.dataset][0]))
+  if tuple(config.input_shape) != image_shape:
+    raise ValueError(
+      f'config.input_shape={tuple(config.input_shape)} does not match the {config.dataset} images, '
+      f'{image_shape} after padding; set config.input_shape = {image_shape}.'
+    )
   source_split = 'test' if split == 'test' else 'train'
   if config.dataset == 'embedded_mnist':
     with np.load(EMBEDDED_PATH) as npz:
@@ -80,11 +87,6 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
   _, h, w, _ = images.shape
   pad_h, pad_w = (IMAGE_SIZE - h) // 2, (IMAGE_SIZE - w) // 2
   images = np.pad(images, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)))
-  if images.shape[1:] != tuple(config.input_shape):
-    raise ValueError(
-      f'config.input_shape={tuple(config.input_shape)} does not match the {config.dataset} images, '
-      f'{images.shape[1:]} after padding; set config.input_shape = {images.shape[1:]}.'
-    )
   mean, std = padded_stats(*TRAIN_STATS[config.dataset], fraction=h * w / IMAGE_SIZE**2)
   normalised = images.astype(np.float32)  # In place from here: cifar10's train split is 600 MB as float32.
   normalised *= (1 / (255 * std)).astype(np.float32)

@@ -211,6 +211,8 @@ def test_augment():
     ({'dataset': 'imagenet'}, 'train', r"config.dataset='imagenet' is not one of \('embedded_mnist'"),
     ({'input_shape': (32, 32, 3)}, 'train', r'config.input_shape=\(32, 32, 3\) does not match .* \(32, 32, 1\)'),
     ({'input_shape': (28, 28, 1)}, 'test', r'config.input_shape=\(28, 28, 1\)'),
+    # Found before reading anything: there is no cifar10 in this data_dir.
+    ({'dataset': 'cifar10', 'data_dir': '/nonexistent'}, 'train', r'\(32, 32, 1\) does not match the cifar10 images'),
     ({}, 'valid', r"split='valid' is not one of \('train', 'validation', 'test'\)"),
     ({}, 'validation', r'config.validation_size >= 1'),
     ({'validation_size': 4000}, 'train', r'config.validation_size=4000 is not valid'),
