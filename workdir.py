@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorboardX
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 def quiet_orbax_logging() -> None:
@@ -103,8 +104,11 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
         'Checkpoint %d cannot be read (%s: %s); moving it to %s and resuming from the one before.',
         step, type(error).__name__, error, quarantine,
       )  # fmt: skip
-      os.makedirs(os.path.dirname(quarantine), exist_ok=True)
-      shutil.move(os.path.join(manager.directory, str(step)), quarantine)
+      if jax.process_index() == 0:  # The workdir is shared by all hosts: one moves, the others wait for it.
+        os.makedirs(os.path.dirname(quarantine), exist_ok=True)
+        shutil.move(os.path.join(manager.directory, str(step)), quarantine)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
       manager.reload()
       set_aside.append(step)
   return None
