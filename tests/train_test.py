@@ -61,6 +61,14 @@ def test_same_seed_gives_identical_metrics_and_params(short_run, tmp_path):
   assert_trees_bitwise_equal(again.params, state.params)
 
 
+def test_validation_size_evaluates_on_the_held_out_tail_instead_of_test(tmp_path):
+  config = short_config(num_epochs=1, validation_size=500, eval_every_steps=0)
+  _, metrics = train.train_and_evaluate(config, str(tmp_path))
+  assert set(metrics) == {'validation_loss', 'validation_accuracy'}
+  assert [(r['step'], r['split']) for r in read_metrics(str(tmp_path)) if r['split'] != 'train'] == [(54, 'validation')]
+  assert metrics['validation_accuracy'] >= 0.7  # 0.824 measured after 54 steps on the other 3,500; chance is 0.10.
+
+
 def test_metrics_jsonl_and_tensorboard_agree(short_run):
   workdir, _, metrics = short_run
   rows = read_metrics(workdir)
