@@ -17,6 +17,7 @@ Two facts the code makes explicit:
 """
 
 import collections
+import dataclasses
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -196,17 +197,59 @@ def flatten_permutation(order: str, shape: Sequence[int], seed: int = 0) -> np.n
   raise ValueError(f'model.flatten_order={order!r} is not one of {FLATTEN_ORDERS}.')
 
 
+def _geometry_problem(h, w, num_convs, kernel_size, strides, padding, pool_window) -> str | None:
+  """Why conv/pool stages of these settings cannot be built on an h x w input, or None when they can."""
+  for i in range(1, num_convs + 1):
+    if padding == 'VALID' and kernel_size > min(h, w):
+      return f'model.kernel_size={kernel_size} is larger than the {h}x{w} input of conv{i}'
+    h, w = conv_output_size(h, kernel_size, strides, padding), conv_output_size(w, kernel_size, strides, padding)
+    if h % pool_window or w % pool_window:
+      return f'model.pool_window={pool_window} does not divide the {h}x{w} output of conv{i}'
+    h, w = h // pool_window, w // pool_window
+  return None
+
+
+def _check_geometry(h, w, num_convs, kernel_size, strides, padding, pool_window) -> None:
+  """Raises a ValueError naming the first stage that cannot be built, with the values that work for the whole net.
+
+  kernel_size and pool_window are shared by every conv/pool stage, so a value that fits one stage can fail a later
+  one: the valid values listed are those that fit every stage, each with the other setting as it is.
+  """
+  problem = _geometry_problem(h, w, num_convs, kernel_size, strides, padding, pool_window)
+  if problem is None:
+    return
+  sizes = range(1, max(h, w) + 1)
+  kernels = [k for k in sizes if not _geometry_problem(h, w, num_convs, k, strides, padding, pool_window)]
+  windows = [p for p in sizes if not _geometry_problem(h, w, num_convs, kernel_size, strides, padding, p)]
+  raise ValueError(
+    f'{problem}. For a {h}x{w} input, {num_convs} conv/pool stages, strides={strides} and padding={padding}: '
+    f'valid kernel_size with pool_window={pool_window}: {kernels or "none"}; valid pool_window with '
+    f'kernel_size={kernel_size}: {windows or "none"} (or change input_shape).'
+  )
+
+
 def _check_choice(name: str, value, choices) -> None:
   if value not in choices:
     raise ValueError(f'model.{name}={value!r} is not valid; choose one of {tuple(choices)}.')
 
 
-def _check_positive(name: str, value) -> None:
-  if isinstance(value, (tuple, list)):
-    if not value or any(not isinstance(v, (int, np.integer)) or v < 1 for v in value):
-      raise ValueError(f'model.{name}={value!r} is not valid; it must be a non-empty tuple of integers >= 1.')
-  elif not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f'model.{name}={value!r} is not valid; it must be an integer >= 1.')
+def _is_integer(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_integer(name: str, value, minimum: int = 1) -> None:
+  if not _is_integer(value) or value < minimum:
+    raise ValueError(f'model.{name}={value!r} is not valid; it must be an integer >= {minimum}.')
+
+
+def _check_widths(name: str, value, may_be_empty: bool = False) -> None:
+  if (
+    not isinstance(value, (tuple, list))
+    or not (value or may_be_empty)
+    or not all(_is_integer(v) and v >= 1 for v in value)
+  ):
+    kind = 'tuple' if may_be_empty else 'non-empty tuple'
+    raise ValueError(f'model.{name}={value!r} is not valid; it must be a {kind} of integers >= 1.')
 
 
 class Conv(nn.Module):
@@ -251,13 +294,11 @@ class CNN(nn.Module):
   flatten_seed: int = 0
 
   def __post_init__(self):
-    _check_positive('conv_features', tuple(self.conv_features))
-    _check_positive('kernel_size', self.kernel_size)
-    _check_positive('strides', self.strides)
-    _check_positive('pool_window', self.pool_window)
-    _check_positive('num_classes', self.num_classes)
-    if self.hidden_features:  # Empty means no hidden dense layer: flatten -> fc1 (logits).
-      _check_positive('hidden_features', tuple(self.hidden_features))
+    _check_widths('conv_features', self.conv_features)
+    _check_widths('hidden_features', self.hidden_features, may_be_empty=True)  # () means flatten -> fc1 (logits).
+    for name in ('kernel_size', 'strides', 'pool_window', 'num_classes'):
+      _check_integer(name, getattr(self, name))
+    _check_integer('flatten_seed', self.flatten_seed, minimum=0)
     _check_choice('padding', self.padding, PADDINGS)
     _check_choice('pool', self.pool, POOLS)
     _check_choice('activation', self.activation, ACTIVATIONS)
@@ -273,22 +314,11 @@ class CNN(nn.Module):
     if x.ndim != 4:
       raise ValueError(f'CNN expects images [B, H, W, C]; got an array of shape {x.shape}.')
     activation = ACTIVATIONS[self.activation]
+    _check_geometry(
+      x.shape[1], x.shape[2], len(self.conv_features), self.kernel_size, self.strides, self.padding, self.pool_window
+    )
     outputs = {}
     for i, features in enumerate(self.conv_features, start=1):
-      _, h, w, _ = x.shape
-      if self.padding == 'VALID' and self.kernel_size > min(h, w):
-        raise ValueError(
-          f'model.kernel_size={self.kernel_size} is larger than the {h}x{w} input of conv{i}; '
-          f'with padding VALID it must be at most {min(h, w)}.'
-        )
-      h = conv_output_size(h, self.kernel_size, self.strides, self.padding)
-      w = conv_output_size(w, self.kernel_size, self.strides, self.padding)
-      if h % self.pool_window or w % self.pool_window:
-        divisors = [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
-        raise ValueError(
-          f'model.pool_window={self.pool_window} does not divide the {h}x{w} output of conv{i}; '
-          f'valid windows here: {divisors}.'
-        )
       conv = Conv(features, self.kernel_size, self.strides, self.padding, self.pool_window, name=f'conv{i}')
       y = conv(x)
       activations = activation(y)
@@ -311,7 +341,12 @@ class CNN(nn.Module):
 
 def create_model(config: ml_collections.ConfigDict) -> CNN:
   """The CNN configured by `config.model`, checked against `config.input_shape`."""
-  model = CNN(**config.model.to_dict())
+  settings = config.model.to_dict()
+  known = [field.name for field in dataclasses.fields(CNN) if field.name not in ('parent', 'name')]  # Not Flax's.
+  unknown = sorted(settings.keys() - set(known))
+  if unknown:
+    raise ValueError(f'config.model has no setting {", ".join(unknown)}; the settings are {known}.')
+  model = CNN(**settings)
   _output_shapes(model, config.input_shape)
   return model
 
@@ -354,7 +389,7 @@ class LayerInfo(NamedTuple):
   output_shape: tuple[int, ...]  # For one example.
   kernel_shape: tuple[int, ...]  # () for layers without parameters.
   num_params: int
-  flops: int  # Forward FLOPs per example of the layer's multiply-adds (2 each).
+  flops: int  # Nominal forward FLOPs per example: 2 per multiply-add of the plain layer (the band matmuls do more).
 
 
 def layer_info(config: ml_collections.ConfigDict) -> list[LayerInfo]:

@@ -261,12 +261,21 @@ class ValidationTest(parameterized.TestCase):
   @parameterized.parameters(
     ({'strides': 0}, r'model\.strides=0 .* integer >= 1'),
     ({'kernel_size': 0}, r'model\.kernel_size=0 .* integer >= 1'),
-    ({'kernel_size': 33}, r'model\.kernel_size=33 is larger than the 32x32 input of conv1.* at most 32'),
-    ({'kernel_size': 13}, r'model\.kernel_size=13 is larger than the 10x10 input of conv2.* at most 10'),
+    # kernel_size and pool_window serve both stages: the valid values listed fit the whole network.
     (
-      {'pool_window': 3},
-      r'model\.pool_window=3 does not divide the 28x28 output of conv1; valid windows here: \[1, 2, 4, 7, 14, 28\]',
+      {'kernel_size': 33},
+      r'model\.kernel_size=33 is larger than the 32x32 input of conv1\..* pool_window=2: \[1, 5, 9\]',
     ),
+    (
+      {'kernel_size': 13},
+      r'model\.kernel_size=13 is larger than the 10x10 input of conv2\..* pool_window=2: \[1, 5, 9\]',
+    ),
+    ({'kernel_size': 10}, r'pool_window=2 does not divide the 23x23 output of conv1\..* pool_window=2: \[1, 5, 9\]'),
+    ({'pool_window': 3}, r'model\.pool_window=3 does not divide the 28x28 output of conv1\..* kernel_size=5: \[1, 2\]'),
+    ({'pool_window': 4}, r'model\.pool_window=4 does not divide the 3x3 output of conv2\..* kernel_size=5: \[1, 2\]'),
+    ({'flatten_seed': -1}, r'model\.flatten_seed=-1 .* integer >= 0'),
+    ({'strides': True}, r'model\.strides=True .* integer >= 1'),
+    ({'foo': 1}, r"config\.model has no setting foo; the settings are \['conv_features', 'kernel_size'"),
     ({'pool_window': 0}, r'model\.pool_window=0 .* integer >= 1'),
     ({'activation': 'swish'}, r"model\.activation='swish' .* \('relu', 'tanh', 'sigmoid', 'gelu'\)"),
     ({'pool': 'min'}, r"model\.pool='min' .* \('max', 'avg'\)"),
@@ -280,6 +289,15 @@ class ValidationTest(parameterized.TestCase):
   def test_invalid_setting_names_itself_and_the_valid_range(self, overrides, message):
     with pytest.raises(ValueError, match=message):
       model.create_model(make_config(**overrides))
+
+  @parameterized.parameters(
+    ({'conv_features': 3}, r'model\.conv_features=3 .* non-empty tuple of integers'),
+    ({'conv_features': '36'}, r"model\.conv_features='36' .* non-empty tuple of integers"),
+    ({'hidden_features': None}, r'model\.hidden_features=None .* tuple of integers >= 1'),
+  )
+  def test_widths_must_be_tuples_of_integers(self, settings, message):
+    with pytest.raises(ValueError, match=message):
+      model.CNN(**settings)
 
   @parameterized.parameters((32, 32), (32, 32, 0), (32, 32, 1.5))
   def test_invalid_input_shape(self, *shape):
