@@ -1,10 +1,11 @@
 """Pictures of one test digit flowing through the network: one PNG per stage, from the input to the probabilities.
 
-    python visualize.py --workdir=runs/default [--out_dir=runs/default/pictures] [--index=0] [--model=0]
+    python visualize.py --workdir=runs/default [--index=0] [--model=0] [--out_dir=DIR]
 
 The config comes from <workdir>/config.json (else configs/default.py) and the parameters from the workdir's latest
 checkpoint; without one, a fresh init is drawn and every title says so. The image is test example --index of the
-config's dataset. When <workdir>/metrics.jsonl exists, the learning curves are drawn too.
+config's dataset. When <workdir>/metrics.jsonl exists, the learning curves are drawn too. The PNGs go to
+<workdir>/pictures/test_example_<index>[_model_<k>]/ unless --out_dir says otherwise.
 """
 
 import json
@@ -182,13 +183,20 @@ def _draw_learning_curves(metrics: dict[str, dict[int, dict]]):
 def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, model_index: int = 0) -> list[str]:
   """Draws test example `index` through the network of `workdir` (model `model_index` of a sweep); returns the paths
   of the PNGs written."""
-  out_dir = out_dir or os.path.join(workdir, 'pictures')
+  if not os.path.isdir(workdir):
+    raise ValueError(
+      f'--workdir={workdir} is not a directory. Give a training workdir, or an existing empty directory to draw a '
+      'fresh init of configs/default.py.'
+    )
   config = load_config(workdir)
-  params, source = load_params(config, workdir, model_index)
   data = input_pipeline.load_split(config, 'test')
   if not 0 <= index < len(data['label']):
     raise ValueError(f'index={index} is not valid; the {config.dataset} test split has examples 0 to '
                      f'{len(data["label"]) - 1}.')  # fmt: skip
+  params, source = load_params(config, workdir, model_index)
+  # One folder per drawing, so that drawing another example or model keeps the pictures already drawn.
+  of_sweep = f'_model_{model_index}' if config.get('num_models', 1) > 1 else ''
+  out_dir = out_dir or os.path.join(workdir, 'pictures', f'test_example_{index}{of_sweep}')
   image, label = data['image'][index], int(data['label'][index])
   cnn = model.create_model(config)
   outputs = cnn.apply({'params': params}, image[None], method=model.CNN.layer_outputs)
@@ -261,7 +269,7 @@ def main(argv):
 if __name__ == '__main__':
   # Defined here rather than at import, as in train.py, so that importing this module defines no flags.
   flags.DEFINE_string('workdir', None, 'A training workdir (config.json, checkpoints/, metrics.jsonl).')
-  flags.DEFINE_string('out_dir', None, 'Where to write the PNGs; default <workdir>/pictures.')
+  flags.DEFINE_string('out_dir', None, 'Where to write the PNGs; default <workdir>/pictures/test_example_<index>.')
   flags.DEFINE_integer('index', 0, 'Which test example to draw.')
   flags.DEFINE_integer('model', 0, 'Which model of a sweep (config.num_models > 1) to draw.')
   flags.mark_flag_as_required('workdir')

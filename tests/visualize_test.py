@@ -48,8 +48,11 @@ def trained_workdir(tmp_path_factory):
 
 
 def test_fresh_init_draws_every_layer(tmp_path):
-  workdir = str(tmp_path / 'no_checkpoint')
-  paths = visualize.write_pictures(workdir, out_dir=str(tmp_path / 'pictures'), index=3)
+  workdir = tmp_path / 'no_checkpoint'
+  with pytest.raises(ValueError, match=r'--workdir=.*no_checkpoint is not a directory'):  # A mistyped path, say.
+    visualize.write_pictures(str(workdir))
+  workdir.mkdir()
+  paths = visualize.write_pictures(str(workdir), out_dir=str(tmp_path / 'pictures'), index=3)
   assert [os.path.basename(p) for p in paths] == LAYER_PICTURES  # No metrics.jsonl, so no learning curves.
   for path in paths:
     assert os.path.dirname(path) == str(tmp_path / 'pictures')
@@ -65,8 +68,11 @@ def test_trained_run_draws_every_layer_and_the_learning_curves(trained_workdir):
   paths = visualize.write_pictures(trained_workdir)
   assert [os.path.basename(p) for p in paths] == [*LAYER_PICTURES, '10_learning_curves.png']
   for path in paths:
-    assert os.path.dirname(path) == os.path.join(trained_workdir, 'pictures')
+    assert os.path.dirname(path) == os.path.join(trained_workdir, 'pictures', 'test_example_0')
     assert_png_not_blank(path)
+  # Another example goes beside the first, not over it.
+  assert os.path.dirname(visualize.write_pictures(trained_workdir, index=1)[0]).endswith('test_example_1')
+  assert len(os.listdir(os.path.join(trained_workdir, 'pictures', 'test_example_0'))) == len(paths)
   _, source = visualize.load_params(visualize.load_config(trained_workdir), trained_workdir)
   assert source == 'checkpoint at step 62'
 
