@@ -279,6 +279,10 @@ class CNN(nn.Module):
   Parameters are named conv1, conv2, ..., fc1, fc2, ... with a `kernel` and `bias` each.
   `layer_outputs` returns every layer's output by name, for probes and pictures:
   `CNN().apply({'params': params}, x, method=CNN.layer_outputs)`.
+
+  Reverse mode differentiates it to any order (jax.grad of jax.grad: Hessian-vector products); forward mode
+  (jax.jvp, jax.jacfwd, jax.hessian) does not, since `windows_matmul` and `max_pool_windows` define their
+  gradients with jax.custom_vjp, for speed.
   """
 
   conv_features: Sequence[int] = (3, 6)

@@ -150,6 +150,19 @@ def test_flax_grads_match_finite_differences():
     test_util.check_grads(loss, (params,), order=1, modes=['rev'], eps=1e-6)
 
 
+def test_second_derivatives_are_reverse_mode_only():
+  """Hessian-vector products as jax.grad of a gradient are right; forward mode (jax.jvp, jacfwd, jax.hessian) is
+  refused, since the blocked convolution's matmul and max pooling define their gradients with jax.custom_vjp."""
+  config = _config()
+  params, images, labels = _data(config, batch=2)
+  with jax.enable_x64(True):
+    params, images = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, images))
+    loss = jax.jit(lambda p: _flax_loss(p, _settings(config), images, labels))
+    test_util.check_grads(loss, (params,), order=2, modes=['rev'], eps=1e-6)
+    with pytest.raises(TypeError, match='forward-mode'):
+      jax.jvp(loss, (params,), (params,))
+
+
 @pytest.mark.parametrize(('channels', 'settings'), [GRAD_CASES['C1-max-relu'], GRAD_CASES['strides2-SAME-gelu-random']])
 def test_reference_grads_match_finite_differences(channels, settings):
   """The reference's gradients against its own loss, without JAX: a central difference along random directions."""
