@@ -314,7 +314,13 @@ class CNN(nn.Module):
 
   @nn.compact
   def layer_outputs(self, x: jax.Array) -> dict[str, jax.Array]:
-    """[B, H, W, C] -> {'conv1': [B, 28, 28, 3], 'pool1': ..., 'flatten': [B, 150], ..., 'fc2': logits}."""
+    """[B, H, W, C] -> every layer's output by name, in forward order.
+
+    'conv<i>' is conv i's map after the activation, 'pool<i>' its pooled map, 'flatten' the vector fc1 reads and
+    'fc<j>' each dense layer's output (activated, but for the last: the logits, 'fc<len(hidden_features) + 1>').
+    The default network: conv1 [B, 28, 28, 3], pool1 [B, 14, 14, 3], conv2 [B, 10, 10, 6], pool2 [B, 5, 5, 6],
+    flatten [B, 150], fc1 [B, 100], fc2 [B, 10].
+    """
     if x.ndim != 4:
       raise ValueError(f'CNN expects images [B, H, W, C]; got an array of shape {x.shape}.')
     activation = ACTIVATIONS[self.activation]
