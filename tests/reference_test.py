@@ -296,3 +296,17 @@ def test_unknown_setting_is_not_implemented():
   params, images, labels = _data(config, batch=1)
   with pytest.raises(NotImplementedError, match='dropout_rate'):
     reference.loss_and_grads(params, {**config.model.to_dict(), 'dropout_rate': 0.1}, images, labels)
+
+
+@pytest.mark.parametrize(
+  'settings, message',
+  [
+    ({'kernel_size': 9}, r"params\['conv1'\]\['kernel'\] has shape \(5, 5, 1, 3\), but .* give \(9, 9, 1, 3\)"),
+    ({'hidden_features': (50,)}, r"params\['fc1'\]\['kernel'\] has shape \(150, 100\), but .* give \(150, 50\)"),
+  ],
+)
+def test_params_of_another_network_are_refused(settings, message):
+  config = _config()
+  params, images, _ = _data(config, batch=1)
+  with pytest.raises(ValueError, match=message):
+    reference.forward(params, {**config.model.to_dict(), **settings}, images)
