@@ -13,8 +13,13 @@ peer does not make either. Rows, per input channels C and batch size B:
   sweep8_epoch  the same 8 models, a whole epoch of them in one lax.scan (num_models=8, train_mode='epoch')
   torch:*   benchmarks/torch_peer.py, when torch is installed (pip install -r benchmarks/requirements.txt)
 Warm-up is excluded; each variant is timed `--repeats` times, interleaved with the others so that machine noise
-hits all alike, and reported as median (min-max). The compile time of `train_step` is printed per (C, B). Results
-are also saved as JSON. The `peak` line times a 4096x4096 fp32 matmul, the machine's practical peak.
+hits all alike, and reported as median (min-max). The ratio to PyTorch is the median over repeats of each repeat's
+ratio to the best PyTorch variant in that repeat. Each row also gives its process CPU time per wall second (2.0: both
+threads busy all along): PyTorch's threads wait for each other at every op, so load from other processes slows it
+far more than XLA, and a figure well under the thread count flags a disturbed run. The process is pinned to
+`--threads` CPUs, so that XLA's thread pool and PyTorch's both have that many. The compile time of `train_step` is
+printed per (C, B). Results are also saved as JSON. The `peak` line times a 4096x4096 fp32 matmul, the machine's
+practical peak; GFLOP/s count the nominal FLOPs of `model.layer_info`.
 """
 
 import json
@@ -26,6 +31,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,7 +64,7 @@ flags.DEFINE_bool('torch', True, 'Time the PyTorch peer too, when torch is insta
 flags.DEFINE_list('torch_variants', None, 'PyTorch peer variants (default: all of torch_peer.VARIANTS).')
 flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant.')
 flags.DEFINE_integer('images_per_repeat', 16384, 'Training images per timed repeat (at least 10 steps).')
-flags.DEFINE_integer('threads', 2, 'Threads for the PyTorch peer.')
+flags.DEFINE_integer('threads', 2, 'CPUs the process is pinned to, and threads of the PyTorch peer.')
 flags.DEFINE_string('output', 'benchmarks/results/throughput.json', 'Where to save the results as JSON.')
 
 
@@ -78,9 +84,8 @@ def prepare_tinycnn(batch_size: int, channels: int, mode: str):
   train_epoch, _, compile_seconds = workload.training_epoch(batch_size, channels, steps, train_mode, models)
 
   def run():
-    start = time.perf_counter()
     train_epoch()
-    return time.perf_counter() - start, steps * batch_size * models
+    return steps * batch_size * models
 
   run()
   return run, compile_seconds
@@ -89,7 +94,12 @@ def prepare_tinycnn(batch_size: int, channels: int, mode: str):
 def prepare_torch(batch_size: int, channels: int, variant: str):
   steps = max(10, FLAGS.images_per_repeat // batch_size)
   run_steps = torch_peer.prepare(batch_size, channels, variant, threads=FLAGS.threads)
-  return lambda: (run_steps(steps), steps * batch_size), None
+
+  def run():
+    run_steps(steps)
+    return steps * batch_size
+
+  return run, None
 
 
 def peak_gflops(size: int = 4096, repeats: int = 5) -> float:
@@ -105,12 +115,33 @@ def peak_gflops(size: int = 4096, repeats: int = 5) -> float:
   return 2 * size**3 / best / 1e9
 
 
+def cpu_model() -> str:
+  """The CPU's model name (from /proc/cpuinfo on Linux), since these figures depend on it."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
+
+
+def timed(run) -> tuple[float, float, int]:
+  """(wall seconds, process CPU seconds over all threads, images) of one run()."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  images = run()
+  return time.perf_counter() - wall, time.process_time() - cpu, images
+
+
 def main(argv):
   del argv
+  if hasattr(os, 'sched_setaffinity'):  # Before jax starts its CPU client, which sizes its pool by these CPUs.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: FLAGS.threads])
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   train.tune_cpu_runtime()  # As train.py does; the PyTorch peer, in this process too, gets it as well.
   peak = peak_gflops()
   device = f'{jax.devices()[0].device_kind} ({jax.default_backend()})'
-  print(f'{device}, jax {jax.__version__}; peak fp32 matmul {peak:.0f} GFLOP/s')
+  load = os.getloadavg()[0]
+  print(f'{device}: {cpu_model()}, {cpus} CPUs, jax {jax.__version__}; peak fp32 matmul {peak:.0f} GFLOP/s; '
+        f'load average {load:.2f}')  # fmt: skip
   torch_variants = (FLAGS.torch_variants or list(torch_peer.VARIANTS)) if torch_peer and FLAGS.torch else []
   if FLAGS.torch and not torch_peer:
     print('torch is not installed: no PyTorch peer rows (pip install -r benchmarks/requirements.txt).')
@@ -126,36 +157,45 @@ def main(argv):
           runners[f'torch:{variant}'] = prepare_torch(batch_size, channels, variant)
         except Exception as error:  # noqa: BLE001 -- torch.compile needs a working toolchain; report, go on.
           print(f'C={channels} B={batch_size} torch:{variant} failed: {type(error).__name__}: {error}'.splitlines()[0])
-      rates = {name: [] for name in runners}
+      rates, cpu_per_wall = {name: [] for name in runners}, {name: [] for name in runners}
       for _ in range(FLAGS.repeats):
         for name, (run, _) in runners.items():
-          seconds, images = run()
-          rates[name].append(images / seconds)
-      medians = {name: statistics.median(r) for name, r in rates.items()}
-      best_torch = max((m for n, m in medians.items() if n.startswith('torch:')), default=None)
+          wall, cpu, images = timed(run)
+          rates[name].append(images / wall)
+          cpu_per_wall[name].append(cpu / wall)
+      torch_names = [name for name in rates if name.startswith('torch:')]
+      best_torch = [max(rates[n][i] for n in torch_names) for i in range(FLAGS.repeats)] if torch_names else None
       for name, r in rates.items():
+        median = statistics.median(r)
+        nominal = not name.startswith('sweep')  # A sweep's model-images are not one model's work.
         row = {
           'channels': channels, 'batch_size': batch_size, 'variant': name,
-          'images_per_second_median': medians[name], 'images_per_second_min': min(r),
-          'images_per_second_max': max(r), 'compile_seconds': runners[name][1],
-          'ratio_to_best_torch': medians[name] / best_torch if best_torch else None,
-          'fraction_of_peak': medians[name] * flops / 1e9 / peak if not name.startswith('sweep') else None,
+          'images_per_second_median': median, 'images_per_second_min': min(r), 'images_per_second_max': max(r),
+          'cpu_seconds_per_second': statistics.median(cpu_per_wall[name]), 'compile_seconds': runners[name][1],
+          'ratio_to_best_torch': statistics.median(np.divide(r, best_torch)) if best_torch else None,
+          'gflops': median * flops / 1e9 if nominal else None,
+          'fraction_of_peak': median * flops / 1e9 / peak if nominal else None,
         }  # fmt: skip
         results.append(row)
         print(
-          f'C={channels} B={batch_size:5} {name:28} {medians[name]:9.0f} img/s ({min(r):.0f}-{max(r):.0f})'
+          f'C={channels} B={batch_size:5} {name:28} {median:9.0f} img/s ({min(r):.0f}-{max(r):.0f})'
+          f'  cpu {row["cpu_seconds_per_second"]:.2f}'
           + (f'  x{row["ratio_to_best_torch"]:.2f} best torch' if best_torch else '')
-          + (f'  {100 * row["fraction_of_peak"]:.1f}% of peak' if row['fraction_of_peak'] else '')
+          + (f'  {row["gflops"]:.1f} GFLOP/s, {100 * row["fraction_of_peak"]:.1f}% of peak' if nominal else '')
           + (f'  compile {row["compile_seconds"]:.2f} s' if row['compile_seconds'] else ''),
           flush=True,
         )
   os.makedirs(os.path.dirname(FLAGS.output) or '.', exist_ok=True)
   with open(FLAGS.output, 'w') as f:
-    machine = {'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(), 'cpu_count': os.cpu_count()}
+    machine = {'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(), 'cpu': cpu_model()}
+    machine['cpus'] = cpus
+    loads = {'load_average_start': load, 'load_average_end': os.getloadavg()[0]}
     json.dump(
-      {'machine': {**machine, 'platform': platform.platform(), 'peak_gflops': peak}, 'rows': results}, f, indent=1
+      {'machine': {**machine, 'platform': platform.platform(), 'peak_gflops': peak, **loads}, 'rows': results},
+      f,
+      indent=1,
     )
-  print(f'Saved {FLAGS.output}')
+  print(f'Saved {FLAGS.output}; load average {os.getloadavg()[0]:.2f} at the end')
 
 
 if __name__ == '__main__':
