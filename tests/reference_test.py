@@ -137,7 +137,9 @@ def test_loss_and_grads_match_jax_grad(channels, settings):
 
 
 def test_flax_grads_match_finite_differences():
-  """jax.grad of the Flax loss is itself right, so the comparison above is against a true gradient.
+  """jax.grad of the Flax loss is itself right, so the comparison above is against a true gradient; so is its own
+  gradient (reverse over reverse: Hessian-vector products). Forward mode (jax.jvp, jacfwd, jax.hessian) is refused,
+  since the blocked convolution's matmul and max pooling define their gradients with jax.custom_vjp.
 
   The default network (relu and max pooling, the kinks where autodiff and finite differences could part).
   """
@@ -146,18 +148,8 @@ def test_flax_grads_match_finite_differences():
   with jax.enable_x64(True):
     params, images = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, images))
     loss = jax.jit(lambda p: _flax_loss(p, _settings(config), images, labels))
-    # A step well below the default 1e-4, so the finite differences rarely straddle a relu or max-pool kink.
-    test_util.check_grads(loss, (params,), order=1, modes=['rev'], eps=1e-6)
-
-
-def test_second_derivatives_are_reverse_mode_only():
-  """Hessian-vector products as jax.grad of a gradient are right; forward mode (jax.jvp, jacfwd, jax.hessian) is
-  refused, since the blocked convolution's matmul and max pooling define their gradients with jax.custom_vjp."""
-  config = _config()
-  params, images, labels = _data(config, batch=2)
-  with jax.enable_x64(True):
-    params, images = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, images))
-    loss = jax.jit(lambda p: _flax_loss(p, _settings(config), images, labels))
+    # A step well below the default 1e-4, so the finite differences rarely straddle a relu or max-pool kink. Order 2
+    # checks the first derivatives too.
     test_util.check_grads(loss, (params,), order=2, modes=['rev'], eps=1e-6)
     with pytest.raises(TypeError, match='forward-mode'):
       jax.jvp(loss, (params,), (params,))
