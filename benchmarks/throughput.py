@@ -138,10 +138,12 @@ def main(argv):
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   train.tune_cpu_runtime()  # As train.py does; the PyTorch peer, in this process too, gets it as well.
   peak = peak_gflops()
-  device = f'{jax.devices()[0].device_kind} ({jax.default_backend()})'
-  load = os.getloadavg()[0]
-  print(f'{device}: {cpu_model()}, {cpus} CPUs, jax {jax.__version__}; peak fp32 matmul {peak:.0f} GFLOP/s; '
-        f'load average {load:.2f}')  # fmt: skip
+  machine = {
+    'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(), 'cpu': cpu_model(), 'cpus': cpus,
+    'platform': platform.platform(), 'peak_gflops': peak, 'load_average_start': os.getloadavg()[0],
+  }  # fmt: skip
+  print(f'{machine["device"]} ({machine["backend"]}): {machine["cpu"]}, {cpus} CPUs, jax {jax.__version__}; '
+        f'peak fp32 matmul {peak:.0f} GFLOP/s; load average {machine["load_average_start"]:.2f}')  # fmt: skip
   torch_variants = (FLAGS.torch_variants or list(torch_peer.VARIANTS)) if torch_peer and FLAGS.torch else []
   if FLAGS.torch and not torch_peer:
     print('torch is not installed: no PyTorch peer rows (pip install -r benchmarks/requirements.txt).')
@@ -186,16 +188,10 @@ def main(argv):
           flush=True,
         )
   os.makedirs(os.path.dirname(FLAGS.output) or '.', exist_ok=True)
+  machine['load_average_end'] = os.getloadavg()[0]
   with open(FLAGS.output, 'w') as f:
-    machine = {'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(), 'cpu': cpu_model()}
-    machine['cpus'] = cpus
-    loads = {'load_average_start': load, 'load_average_end': os.getloadavg()[0]}
-    json.dump(
-      {'machine': {**machine, 'platform': platform.platform(), 'peak_gflops': peak, **loads}, 'rows': results},
-      f,
-      indent=1,
-    )
-  print(f'Saved {FLAGS.output}; load average {os.getloadavg()[0]:.2f} at the end')
+    json.dump({'machine': machine, 'rows': results}, f, indent=1)
+  print(f'Saved {FLAGS.output}; load average {machine["load_average_end"]:.2f} at the end')
 
 
 if __name__ == '__main__':
