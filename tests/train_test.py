@@ -461,3 +461,20 @@ def test_tune_cpu_runtime_lets_steps_reuse_their_buffers_without_page_faults():
   result = subprocess.run([sys.executable, '-c', CPU_STEP_FAULTS_SCRIPT], cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
   assert int(result.stdout) < 100
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU compiler option')
+def test_cpu_training_step_is_compiled_without_ynnpack_fusions():
+  # XLA:CPU's default hands the step's dots to YNNPACK; train.xla_compiler_options keeps them XLA's own (faster for
+  # these narrow matmuls). The option is experimental: this fails if XLA stops recognising it.
+  config = short_config()
+  data = jax.device_put(input_pipeline.load_split(config, 'train'))
+  functions = train.training_functions(config, 4000, NamedSharding(train.device_mesh(), PartitionSpec('batch')))
+  state = train.create_train_state(config, jax.random.key(0), 62)
+  keys, indices = functions.epoch_order(0)
+
+  def compiled_text(**options):
+    return jax.jit(functions.train_step, **options).lower(state, data, indices, keys, 0).compile().as_text()
+
+  assert 'ynn_fusion' in compiled_text()
+  assert 'ynn_fusion' not in compiled_text(compiler_options=train.xla_compiler_options())
