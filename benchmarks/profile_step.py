@@ -7,10 +7,10 @@
 The step is train.py's (--mode: train_mode 'step' or 'epoch'), on workload.py's random data with momentum SGD.
 Each op XLA runs is attributed to the model layer and pass (forward, or backward: the transpose of the forward)
 named in its HLO metadata, e.g. 'conv1 forward: concatenate' or 'conv2 backward: dot_general'; the table gives each
-group's share of the summed op time. On the CPU, XLA runs some dots asynchronously in Eigen's thread pool, whose
-work is then missing from its op's time (C=3 B=512: conv1's forward dot, 0.35 GFLOP, showed as 0.2 ms, and all ops
-summed to 13.9 ms of a 25.2 ms step). The raw trace stays in --trace_dir for TensorBoard's profile plugin or
-Perfetto.
+group's share of the summed op time. On the CPU, some of the dots' work is missing from their ops' time (C=3
+B=512: conv1's forward dot, 0.35 GFLOP, showed as 0.2 ms, and all ops summed to 13.9 ms of a 25.2 ms step; XLA
+seems to finish such dots in Eigen's thread pool after the traced op returns). The raw trace stays in --trace_dir
+for TensorBoard's profile plugin or Perfetto.
 """
 
 import collections
