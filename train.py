@@ -457,10 +457,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
 def xla_compiler_options() -> dict[str, str]:
   """XLA options for the training and evaluation programs: on the CPU, no YNNPACK fusions; elsewhere none.
 
-  XLA:CPU hands dots and chains of elementwise ops to YNNPACK by default. For this network's narrow matmuls (24
-  columns for conv1, 6 for conv2's output) XLA's own dots and loop fusions ran a training step 1.14-1.26x faster
-  at B=32 and 128, and 0.99-1.08x at B=512 and 2048, step and epoch mode alike (paired in one process,
-  benchmarks/README.md). Per compile, unlike XLA_FLAGS, so other programs in the process keep XLA's defaults.
+  XLA:CPU (jaxlib 0.10) hands dots, with the elementwise ops and reductions around them, to YNNPACK by default.
+  For this network's narrow matmuls (24 columns for conv1's band) XLA's own dots and loop fusions ran a training
+  step 1.14-1.26x faster at B=32 and 128, and 0.99-1.08x at B=512 and 2048, step and epoch mode alike (paired in
+  one process on a 2-vCPU AMD EPYC, Zen 3; other CPUs not measured; benchmarks/README.md). Set per compile, unlike
+  XLA_FLAGS, so other programs in the process keep XLA's defaults. The option is experimental: should a later
+  jaxlib drop it, compiling fails with an unknown-option error (requirements.txt pins jax below 0.11, and
+  tests/train_test.py checks that the option still takes effect).
   """
   return {'xla_cpu_experimental_ynn_fusion_type': ''} if jax.default_backend() == 'cpu' else {}
 

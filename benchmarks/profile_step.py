@@ -48,7 +48,7 @@ def op_groups(hlo_text: str) -> dict[str, str]:
   groups = {}
   pattern = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*op_name="([^"]*)"', re.MULTILINE)
   for name, op_name in pattern.findall(hlo_text):
-    kind = re.sub(r'[.\-]\d+$', '', name)  # 'ynn_fusion.13' -> 'ynn_fusion': the op's kind, as XLA names it.
+    kind = re.sub(r'[.\-]\d+$', '', name)  # 'dot_general.13' -> 'dot_general': the op's kind, as XLA names it.
     layer = next((layer for layer in LAYERS if f'/{layer}/' in op_name or op_name.endswith(f'/{layer}')), None)
     if layer is None:
       layer = 'optimizer' if 'update' in op_name or 'apply_updates' in op_name else 'loss, data and other'

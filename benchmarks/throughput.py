@@ -16,10 +16,10 @@ Warm-up is excluded; each variant is timed `--repeats` times, interleaved with t
 hits all alike, and reported as median (min-max). The ratio to PyTorch is the median over repeats of each repeat's
 ratio to the best PyTorch variant in that repeat. Each row also gives its process CPU time per wall second (2.0: both
 threads busy all along): PyTorch's threads wait for each other at every op, so load from other processes slows it
-far more than XLA, and a figure well under the thread count flags a disturbed run. With the peer, the process is
-pinned to `--threads` CPUs, so that XLA's thread pool and PyTorch's both have that many. The compile time of
-`train_step` is printed per (C, B). Results are also saved as JSON. The `peak` line times a 4096x4096 fp32 matmul,
-the machine's practical peak; GFLOP/s count the nominal FLOPs of `model.layer_info`.
+far more than XLA, and a figure well under the thread count flags a disturbed run. The process is pinned to
+`--threads` CPUs, so that XLA's thread pool and PyTorch's both have that many (--nopin_cpus on a GPU or TPU
+host). The compile time of `train_step` is printed per (C, B). Results are also saved as JSON. The `peak` line
+times a 4096x4096 fp32 matmul, the machine's practical peak; GFLOP/s count the nominal FLOPs of `model.layer_info`.
 """
 
 import json
@@ -64,7 +64,8 @@ flags.DEFINE_bool('torch', True, 'Time the PyTorch peer too, when torch is insta
 flags.DEFINE_list('torch_variants', None, 'PyTorch peer variants (default: all of torch_peer.VARIANTS).')
 flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant.')
 flags.DEFINE_integer('images_per_repeat', 16384, 'Training images per timed repeat (at least 10 steps).')
-flags.DEFINE_integer('threads', 2, 'Threads of the PyTorch peer, and the CPUs the process is pinned to when it runs.')
+flags.DEFINE_integer('threads', 2, 'CPUs the process is pinned to, and threads of the PyTorch peer.')
+flags.DEFINE_bool('pin_cpus', True, 'Pin the process to --threads CPUs; --nopin_cpus on a GPU or TPU host.')
 flags.DEFINE_string('output', 'benchmarks/results/throughput.json', 'Where to save the results as JSON.')
 
 
@@ -133,10 +134,9 @@ def timed(run) -> tuple[float, float, int]:
 
 def main(argv):
   del argv
-  torch_variants = (FLAGS.torch_variants or list(torch_peer.VARIANTS)) if torch_peer and FLAGS.torch else []
-  if torch_variants and hasattr(os, 'sched_setaffinity'):
-    # Both sides get --threads CPUs. Before jax starts its CPU client, which sizes its pool by these CPUs; not
-    # without the peer, since a GPU's compiler uses every CPU (pinned to 2, train_step took 18 s, not 3).
+  if FLAGS.pin_cpus and hasattr(os, 'sched_setaffinity'):
+    # Before jax starts its CPU client, which sizes its pool by these CPUs. Not on an accelerator's host, whose
+    # compiler uses every CPU: on an H100's, pinned to 2, train_step took 18 s to compile, not 2.3 s.
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: FLAGS.threads])
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   train.tune_cpu_runtime()  # As train.py does; the PyTorch peer, in this process too, gets it as well.
@@ -147,6 +147,7 @@ def main(argv):
   }  # fmt: skip
   print(f'{machine["device"]} ({machine["backend"]}): {machine["cpu"]}, {cpus} CPUs, jax {jax.__version__}; '
         f'peak fp32 matmul {peak:.0f} GFLOP/s; load average {machine["load_average_start"]:.2f}')  # fmt: skip
+  torch_variants = (FLAGS.torch_variants or list(torch_peer.VARIANTS)) if torch_peer and FLAGS.torch else []
   if FLAGS.torch and not torch_peer:
     print('torch is not installed: no PyTorch peer rows (pip install -r benchmarks/requirements.txt).')
   results = []

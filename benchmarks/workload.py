@@ -49,8 +49,8 @@ def training_epoch(
       jax.jit(functions.train_epoch, donate_argnums=0, compiler_options=options).lower(state, data, 0).compile()
     )
   else:
-    step = jax.jit(functions.train_step, donate_argnums=0, compiler_options=options)
-    compiled = step.lower(state, data, indices, keys, 0).compile()
+    train_step = jax.jit(functions.train_step, donate_argnums=0, compiler_options=options)
+    compiled = train_step.lower(state, data, indices, keys, 0).compile()
   compile_seconds = time.perf_counter() - start
 
   def run() -> dict:
