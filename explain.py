@@ -81,7 +81,7 @@ def fit(config: ml_collections.ConfigDict, state, data: dict):
   mesh = train.device_mesh()
   state, data = jax.device_put((state, data), NamedSharding(mesh, PartitionSpec()))
   functions = train.training_functions(config, len(data['label']), NamedSharding(mesh, PartitionSpec('batch')))
-  train_epoch = jax.jit(functions.train_epoch, donate_argnums=0, compiler_options=train.xla_compiler_options())
+  train_epoch = train.jit(functions.train_epoch, donate_argnums=0)
   metrics = []
   for epoch in range(config.num_epochs):
     state, epoch_metrics = train_epoch(state, data, epoch)

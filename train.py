@@ -359,21 +359,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   eval_on_batch = functools.partial(eval_step, apply_fn=state.apply_fn)
   if sweep:
     eval_on_batch = jax.vmap(eval_on_batch, in_axes=(0, None))
-  options = xla_compiler_options()
-  eval_fn = jax.jit(
-    lambda params, batch: eval_on_batch(params, jax.lax.with_sharding_constraint(batch, batch_sharding)),
-    compiler_options=options,
-  )
+  eval_fn = jit(lambda params, batch: eval_on_batch(params, jax.lax.with_sharding_constraint(batch, batch_sharding)))
   epoch_order = jax.jit(functions.epoch_order)
   compile_start = time.perf_counter()
   if config.train_mode == 'epoch':
-    train_epoch = jax.jit(functions.train_epoch, donate_argnums=0, compiler_options=options)
-    compiled_epoch = train_epoch.lower(state, train_data, 0).compile()
+    compiled_epoch = jit(functions.train_epoch, donate_argnums=0).lower(state, train_data, 0).compile()
   # A resumed epoch-mode run may start mid-epoch (from a step-mode checkpoint): it finishes that epoch by steps.
   if config.train_mode == 'step' or start_step % steps_per_epoch:
     keys, indices = epoch_order(start_step // steps_per_epoch)
-    train_step_fn = jax.jit(functions.train_step, donate_argnums=0, compiler_options=options)
-    compiled_step = train_step_fn.lower(state, train_data, indices, keys, 0).compile()
+    compiled_step = jit(functions.train_step, donate_argnums=0).lower(state, train_data, indices, keys, 0).compile()
   compile_seconds = time.perf_counter() - compile_start
 
   writer = workdir_lib.MetricWriter(workdir, config.num_models)
@@ -466,6 +460,11 @@ def xla_compiler_options() -> dict[str, str]:
   tests/train_test.py checks that the option still takes effect).
   """
   return {'xla_cpu_experimental_ynn_fusion_type': ''} if jax.default_backend() == 'cpu' else {}
+
+
+def jit(fun: Callable, **jit_kwargs) -> Callable:
+  """jax.jit with `xla_compiler_options()`: how the training and evaluation programs are compiled."""
+  return jax.jit(fun, compiler_options=xla_compiler_options(), **jit_kwargs)
 
 
 def tune_cpu_runtime() -> None:

@@ -42,15 +42,11 @@ def training_epoch(
   functions = train.training_functions(config, steps * batch_size, NamedSharding(mesh, PartitionSpec('batch')))
   state = jax.device_put(train.create_initial_state(config, steps), replicated)
   keys, indices = jax.jit(functions.epoch_order)(0)
-  options = train.xla_compiler_options()
   start = time.perf_counter()
   if mode == 'epoch':
-    compiled = (
-      jax.jit(functions.train_epoch, donate_argnums=0, compiler_options=options).lower(state, data, 0).compile()
-    )
+    compiled = train.jit(functions.train_epoch, donate_argnums=0).lower(state, data, 0).compile()
   else:
-    train_step = jax.jit(functions.train_step, donate_argnums=0, compiler_options=options)
-    compiled = train_step.lower(state, data, indices, keys, 0).compile()
+    compiled = train.jit(functions.train_step, donate_argnums=0).lower(state, data, indices, keys, 0).compile()
   compile_seconds = time.perf_counter() - start
 
   def run() -> dict:

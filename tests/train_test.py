@@ -302,11 +302,9 @@ def test_each_step_trains_on_the_batch_of_its_seed_epoch_and_step():
     np.testing.assert_array_equal(indices, input_pipeline.shuffled_batch_indices(key, 4000, config.batch_size))
   # Step 5 of epoch 1 is train_step on those examples, each shifted and mirrored with fold_in(key, 5).
   state = train.create_train_state(config, jax.random.key(0), 62)
-  options = train.xla_compiler_options()  # As train_and_evaluate compiles them.
-  trained, _ = jax.jit(functions.train_step, compiler_options=options)(state, data, indices, keys, 5)
+  trained, _ = train.jit(functions.train_step)(state, data, indices, keys, 5)  # As train_and_evaluate compiles it.
   images = input_pipeline.augment(data['image'][indices[5]], jax.random.fold_in(key, 5), 2, True)
-  batch = {'image': images, 'label': data['label'][indices[5]]}
-  expected, _ = jax.jit(train.train_step, compiler_options=options)(state, batch)
+  expected, _ = train.jit(train.train_step)(state, {'image': images, 'label': data['label'][indices[5]]})
   assert_trees_bitwise_equal(trained.params, expected.params)
 
 
@@ -467,17 +465,17 @@ def test_tune_cpu_runtime_lets_steps_reuse_their_buffers_without_page_faults():
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU compiler option')
 def test_cpu_training_step_is_compiled_without_ynnpack_fusions():
-  # XLA:CPU's default hands the step's dots to YNNPACK; train.xla_compiler_options keeps them XLA's own (faster for
-  # these narrow matmuls). The option is experimental: this fails if XLA rejects or ignores it.
+  # XLA:CPU's default hands the step's dots to YNNPACK; train.jit, which compiles every training program, keeps them
+  # XLA's own (faster for these narrow matmuls). The option is experimental: this fails if XLA rejects or ignores it.
   config = short_config()
   data = jax.device_put(input_pipeline.load_split(config, 'train'))
   functions = train.training_functions(config, 4000, NamedSharding(train.device_mesh(), PartitionSpec('batch')))
   state = train.create_train_state(config, jax.random.key(0), 62)
   keys, indices = functions.epoch_order(0)
 
-  def compiled_text(**options):
-    return jax.jit(functions.train_step, **options).lower(state, data, indices, keys, 0).compile().as_text()
+  def compiled_text(jit):
+    return jit(functions.train_step).lower(state, data, indices, keys, 0).compile().as_text()
 
-  if 'ynn_fusion' not in compiled_text():
+  if 'ynn_fusion' not in compiled_text(jax.jit):
     pytest.skip("this jaxlib's XLA:CPU makes no YNNPACK fusions of the step by default")
-  assert 'ynn_fusion' not in compiled_text(compiler_options=train.xla_compiler_options())
+  assert 'ynn_fusion' not in compiled_text(train.jit)
