@@ -6,6 +6,8 @@ import os
 
 import jax
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 import model
 import train
@@ -64,3 +66,15 @@ def test_cifar10_is_rgb_with_augmentation():
   assert (config.input_shape, config.random_crop_padding, config.random_flip) == ((32, 32, 3), 4, True)
   params = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0)))
   assert params['conv1']['kernel'].shape == (5, 5, 3, 3)  # Each filter is a 5x5x3 volume.
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+def test_every_setting_can_be_set_from_the_command_line(path):
+  """--config.<name>=<value> sets each field; a plain None field would refuse any value, having no type."""
+  new_values = {'data_dir': '/data/tfds'}  # None by default.
+  for name, value in flat_items(load(os.path.basename(path)[:-3])):
+    argv = ['train.py', f'--config={path}', f'--config.{name}={new_values.get(name, value)}']
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    assert dict(flat_items(flag_values.config))[name] == new_values.get(name, value)
