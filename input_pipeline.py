@@ -24,6 +24,7 @@ DATASETS = ('embedded_mnist', 'mnist', 'fashion_mnist', 'cifar10')
 SPLITS = ('train', 'validation', 'test')
 EMBEDDED_PATH = pathlib.Path(__file__).resolve().parent / 'data' / 'embedded_mnist.npz'
 IMAGE_SIZE = 32
+NUM_CLASSES = 10  # Of every dataset here: labels 0-9.
 
 # Per-channel (mean, std) of each training split on the [0, 1] scale, over the images as stored (28x28 for the
 # MNIST-style sets). mnist, fashion_mnist and cifar10: the well-known values for their full training sets (as in the
@@ -67,6 +68,11 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
     raise ValueError(
       f'config.input_shape={tuple(config.input_shape)} does not match the {config.dataset} images, '
       f'{image_shape} after padding; set config.input_shape = {image_shape}.'
+    )
+  if config.model.num_classes < NUM_CLASSES:  # Labels the logits cannot index would make the loss NaN.
+    raise ValueError(
+      f'config.model.num_classes={config.model.num_classes} is fewer than the {NUM_CLASSES} classes of '
+      f'{config.dataset} (labels 0-{NUM_CLASSES - 1}); set config.model.num_classes = {NUM_CLASSES}.'
     )
   source_split = 'test' if split == 'test' else 'train'
   if config.dataset == 'embedded_mnist':

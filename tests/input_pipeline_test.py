@@ -223,6 +223,14 @@ def test_load_split_errors(overrides, split, message):
     input_pipeline.load_split(_config(**overrides), split)
 
 
+def test_fewer_classes_than_the_labels_is_an_error(train_split, test_split):
+  assert {train_split['label'].max(), test_split['label'].max()} == {input_pipeline.NUM_CLASSES - 1}
+  config = _config()
+  config.model.num_classes = 5
+  with pytest.raises(ValueError, match=r'config.model.num_classes=5 is fewer than the 10 classes of embedded_mnist'):
+    input_pipeline.load_split(config, 'train')
+
+
 @pytest.mark.parametrize('batch_size', [0, -1, 1001])
 def test_bad_batch_size(batch_size):
   with pytest.raises(ValueError, match=f'config.batch_size={batch_size} is not valid.*from 1 to 1000'):
