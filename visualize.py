@@ -2,8 +2,9 @@
 
     python visualize.py --workdir=runs/default [--index=0] [--model=0] [--out_dir=DIR]
 
-The config comes from <workdir>/config.json (else configs/default.py) and the parameters from the workdir's latest
-checkpoint; without one, a fresh init is drawn and every title says so. The image is test example --index of the
+The config is the last one the workdir's runs saved (config.json, or the latest config_step<N>.json; else
+configs/default.py) and the parameters come from the workdir's latest checkpoint; without one, a fresh init is
+drawn and every title says so. The image is test example --index of the
 config's dataset. When <workdir>/metrics.jsonl exists, the learning curves are drawn too. The PNGs go to
 <workdir>/pictures/test_example_<index>[_model_<k>]/ unless --out_dir says otherwise.
 """
@@ -38,12 +39,12 @@ def _tuples(value):
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config saved in workdir/config.json, or the default config when there is none."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    logging.info('No %s; using configs/default.py.', path)
+  """The config of the latest run in workdir (the last it saved), or the default config when there is none."""
+  saved = workdir_lib.saved_configs(workdir)
+  if not saved:
+    logging.info('No config in %s; using configs/default.py.', workdir)
     return default.get_config()
-  with open(path) as f:
+  with open(saved[-1]) as f:
     return ml_collections.ConfigDict(_tuples(json.load(f)))
 
 

@@ -1,6 +1,6 @@
 """A run's workdir: orbax checkpoints of its TrainState, its saved config and its metrics.
 
-    workdir/config.json         the config (a resumed run with a changed config adds config_step<N>.json)
+    workdir/config.json         the config (a run with a config other than the last saved adds config_step<N>.json)
     workdir/checkpoints/<step>  orbax checkpoints, the newest config.max_checkpoints_to_keep
     workdir/metrics.jsonl       {"step", "split", "loss", "accuracy"} per line (and "model" in a sweep)
     workdir/events.out.*        the same scalars for TensorBoard (workdir/model_<k>/ per model of a sweep)
@@ -12,6 +12,7 @@ import itertools
 import json
 import logging as std_logging
 import os
+import re
 import shutil
 
 import jax
@@ -114,26 +115,41 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
   return None
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
-  """Saves config.json; a resumed run with a config not yet saved adds config_step<N>[_<i>].json, overwriting none.
+CONFIG_NAME = re.compile(r'config(?:_step(\d+)(?:_(\d+))?)?\.json')
 
-  In a multi-host run only process 0 writes.
+
+def saved_configs(workdir: str) -> list[str]:
+  """Paths of the configs the runs in workdir saved, the latest last: config.json, then config_step<N>[_<i>].json
+  by N (the step the run started from) and i."""
+
+  def order(name):
+    step, index = CONFIG_NAME.fullmatch(name).groups()
+    return (-1, 0) if step is None else (int(step), int(index or 1))
+
+  names = [name for name in os.listdir(workdir) if CONFIG_NAME.fullmatch(name)] if os.path.isdir(workdir) else []
+  return [os.path.join(workdir, name) for name in sorted(names, key=order)]
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+  """Saves config.json; a run whose config differs from the last one saved adds config_step<N>[_<i>].json.
+
+  Overwrites none, so every change of config is on record and the last file is the config of the latest run. In a
+  multi-host run only process 0 writes.
   """
   if jax.process_index() != 0:
     return
   text = config.to_json_best_effort(indent=2, sort_keys=True)
+  saved = saved_configs(workdir)
+  if saved:
+    with open(saved[-1]) as f:
+      if f.read() == text:
+        return
   names = itertools.chain(
     ['config.json', f'config_step{step}.json'], (f'config_step{step}_{i}.json' for i in itertools.count(2))
   )
-  for name in names:
-    path = os.path.join(workdir, name)
-    if not os.path.exists(path):
-      break
-    with open(path) as f:
-      if f.read() == text:
-        return
-  if name != 'config.json':
-    logging.warning('The config differs from %s/config.json; saving this one as %s.', workdir, path)
+  path = next(path for path in (os.path.join(workdir, name) for name in names) if not os.path.exists(path))
+  if saved:
+    logging.warning('The config differs from %s; saving this one as %s.', saved[-1], path)
   with open(path, 'w') as f:
     f.write(text)
 

@@ -3,12 +3,15 @@
 import json
 import os
 
+import jax
 import matplotlib.image
 import numpy as np
 import pytest
 
+import model
 import train
 import visualize
+import workdir as workdir_lib
 from configs import default
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -71,8 +74,9 @@ def test_trained_run_draws_every_layer_and_the_learning_curves(trained_workdir):
     assert os.path.dirname(path) == os.path.join(trained_workdir, 'pictures', 'test_example_0')
     assert_png_not_blank(path)
   # Another example goes beside the first, not over it.
+  written = {path: os.stat(path).st_mtime_ns for path in paths}
   assert os.path.dirname(visualize.write_pictures(trained_workdir, index=1)[0]).endswith('test_example_1')
-  assert len(os.listdir(os.path.join(trained_workdir, 'pictures', 'test_example_0'))) == len(paths)
+  assert {path: os.stat(path).st_mtime_ns for path in paths} == written
   _, source = visualize.load_params(visualize.load_config(trained_workdir), trained_workdir)
   assert source == 'checkpoint at step 62'
 
@@ -83,6 +87,14 @@ def test_config_json_is_loaded_with_tuples(trained_workdir):
   assert config.input_shape == (32, 32, 1)
   assert config.model.conv_features == (3, 6)
   assert config.model.hidden_features == (100,)
+
+
+def test_the_latest_runs_config_is_loaded(tmp_path):
+  wide = default.get_config()
+  wide.model.conv_features = (12, 24)
+  workdir_lib.save_config(default.get_config(), str(tmp_path), 0)
+  workdir_lib.save_config(wide, str(tmp_path), 0)  # Re-run from scratch in the same workdir with another model.
+  assert visualize.load_config(str(tmp_path)).model.conv_features == (12, 24)
 
 
 def test_later_metrics_lines_supersede_earlier_ones(tmp_path):
@@ -107,8 +119,9 @@ def test_a_sweeps_metrics_are_read_per_model(tmp_path):
 def test_a_sweeps_fresh_init_is_model_k_with_seed_plus_k(tmp_path):
   config = default.get_config()
   config.num_models = 2
-  _, source = visualize.load_params(config, str(tmp_path), model_index=1)
+  params, source = visualize.load_params(config, str(tmp_path), model_index=1)
   assert source == 'FRESH INIT (no checkpoint), seed 1, model 1 of 2'
+  jax.tree.map(np.testing.assert_array_equal, params, model.init_params(config, jax.random.key(1)))
   with pytest.raises(ValueError, match=r'model=2 .* models 0 to 1'):
     visualize.load_params(config, str(tmp_path), model_index=2)
 

@@ -7,14 +7,34 @@ import workdir
 from configs import default
 
 
-def test_each_distinct_config_is_saved_once_and_none_is_overwritten(tmp_path):
+def test_each_change_of_config_is_saved_and_none_is_overwritten(tmp_path):
   first, second, third = default.get_config(), default.get_config(), default.get_config()
   second.learning_rate, third.learning_rate = 0.1, 0.2
+  # A run resumed at step 62 with lr 0.1, stopped before its next checkpoint and resumed twice more from there.
   for config, step in ((first, 0), (first, 62), (second, 62), (second, 62), (third, 62), (second, 62)):
     workdir.save_config(config, str(tmp_path), step)
   saved = {name: json.loads((tmp_path / name).read_text())['learning_rate'] for name in os.listdir(tmp_path)}
-  # A run resumed at step 62 with lr 0.1, stopped before its next checkpoint and resumed again with lr 0.2.
-  assert saved == {'config.json': first.learning_rate, 'config_step62.json': 0.1, 'config_step62_2.json': 0.2}
+  assert saved == {
+    'config.json': first.learning_rate,
+    'config_step62.json': 0.1,
+    'config_step62_2.json': 0.2,
+    'config_step62_3.json': 0.1,
+  }
+  latest = [os.path.basename(path) for path in workdir.saved_configs(str(tmp_path))]
+  assert latest == ['config.json', 'config_step62.json', 'config_step62_2.json', 'config_step62_3.json']
+
+
+def test_the_last_saved_config_is_the_latest_runs(tmp_path):
+  wide = default.get_config()
+  wide.model.conv_features = (12, 24)
+  workdir.save_config(default.get_config(), str(tmp_path), 0)
+  workdir.save_config(wide, str(tmp_path), 0)  # Re-run from scratch (no checkpoint yet) with another model.
+  workdir.save_config(wide, str(tmp_path), 310)
+  for name in ('config_step10.json', 'config_step2_2.json'):  # Sorted by step, not as text.
+    (tmp_path / name).write_text('{}')
+  names = [os.path.basename(path) for path in workdir.saved_configs(str(tmp_path))]
+  assert names == ['config.json', 'config_step0.json', 'config_step2_2.json', 'config_step10.json']
+  assert json.loads((tmp_path / 'config_step0.json').read_text())['model']['conv_features'] == [12, 24]
 
 
 def test_metrics_resume_on_a_fresh_line_after_a_partial_one(tmp_path):
