@@ -232,7 +232,7 @@ class TrainingFunctions(NamedTuple):
 
   epoch_order: Callable  # epoch -> (keys, indices [S, B]), with a leading [K] for a sweep.
   train_step: Callable  # (state, data, indices, keys, step) -> (state, metrics): one step on batch `step`.
-  train_epoch: Callable  # (state, data, epoch) -> (state, metrics [S]): a whole epoch in one lax.scan.
+  train_epoch: Callable  # (state, data, epoch) -> (state, metrics [S], or [S, K] for a sweep): one lax.scan.
 
 
 def training_functions(

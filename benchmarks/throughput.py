@@ -18,8 +18,9 @@ ratio to the best PyTorch variant in that repeat. Each row also gives its proces
 threads busy all along): PyTorch's threads wait for each other at every op, so load from other processes slows it
 far more than XLA, and a figure well under the thread count flags a disturbed run. The process is pinned to
 `--threads` CPUs, so that XLA's thread pool and PyTorch's both have that many (--nopin_cpus on a GPU or TPU
-host). The compile time of `train_step` is printed per (C, B). Results are also saved as JSON. The `peak` line
-times a 4096x4096 fp32 matmul, the machine's practical peak; GFLOP/s count the nominal FLOPs of `model.layer_info`.
+host). The compile time of `train_step` is printed per (C, B). Results are also saved as JSON, in a new file per
+run. The `peak` line times a 4096x4096 fp32 matmul, the machine's practical peak; GFLOP/s count the nominal FLOPs
+of `model.layer_info`.
 """
 
 import json
@@ -66,7 +67,11 @@ flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant.')
 flags.DEFINE_integer('images_per_repeat', 16384, 'Training images per timed repeat (at least 10 steps).')
 flags.DEFINE_integer('threads', 2, 'CPUs the process is pinned to, and threads of the PyTorch peer.')
 flags.DEFINE_bool('pin_cpus', True, 'Pin the process to --threads CPUs; --nopin_cpus on a GPU or TPU host.')
-flags.DEFINE_string('output', 'benchmarks/results/throughput.json', 'Where to save the results as JSON.')
+flags.DEFINE_string(
+  'output', None,
+  'Where to save the results as JSON (default: benchmarks/results/throughput_<date>_<time>.json); an existing file '
+  'is never overwritten.',
+)  # fmt: skip
 
 
 def training_flops_per_image(channels: int) -> int:
@@ -134,6 +139,9 @@ def timed(run) -> tuple[float, float, int]:
 
 def main(argv):
   del argv
+  output = FLAGS.output or time.strftime('benchmarks/results/throughput_%Y%m%d_%H%M%S.json')
+  if os.path.exists(output):  # Before any work: the earlier results are kept.
+    raise app.UsageError(f'--output={output} exists; name a new file, or move that one away first.')
   if FLAGS.pin_cpus and hasattr(os, 'sched_setaffinity'):
     # Before jax starts its CPU client, which sizes its pool by these CPUs. Not on an accelerator's host, whose
     # compiler uses every CPU: on an H100's, pinned to 2, train_step took 18 s to compile, not 2.3 s.
@@ -190,11 +198,11 @@ def main(argv):
           + (f'  compile {row["compile_seconds"]:.2f} s' if row['compile_seconds'] else ''),
           flush=True,
         )
-  os.makedirs(os.path.dirname(FLAGS.output) or '.', exist_ok=True)
+  os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
   machine['load_average_end'] = os.getloadavg()[0]
-  with open(FLAGS.output, 'w') as f:
+  with open(output, 'x') as f:
     json.dump({'machine': machine, 'rows': results}, f, indent=1)
-  print(f'Saved {FLAGS.output}; load average {machine["load_average_end"]:.2f} at the end')
+  print(f'Saved {output}; load average {machine["load_average_end"]:.2f} at the end')
 
 
 if __name__ == '__main__':
