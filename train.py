@@ -112,8 +112,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       fail(name, 'it must be a number >= 0')
   if not 0 <= config.momentum < 1:
     fail('momentum', 'it must be in [0, 1)')
-  if config.warmup_epochs >= config.num_epochs and config.schedule == 'warmup_cosine':
-    fail('warmup_epochs', f'it must be less than num_epochs={config.num_epochs}')
+  if config.schedule == 'warmup_cosine' and not 0 < config.warmup_epochs < config.num_epochs:
+    fail('warmup_epochs', f'warmup_cosine needs more than 0 and less than num_epochs={config.num_epochs}')
+  if config.schedule != 'warmup_cosine' and config.warmup_epochs:
+    fail('warmup_epochs', f"only schedule='warmup_cosine' warms up, not {config.schedule!r}")
   if config.train_mode not in TRAIN_MODES:
     fail('train_mode', f'choose one of {TRAIN_MODES}')
   if not isinstance(config.num_models, int) or config.num_models < 1:
@@ -303,8 +305,9 @@ def _check_finite(pending: list[tuple[int, dict]], learning_rates: np.ndarray) -
       raise NonFiniteLossError(
         f'The training loss{which} became {losses[k]} at step {step}; the checkpoints before it were kept. Likely '
         'causes: the learning rate is too high (resume with a smaller --config.learning_rate, or start a new '
-        '--workdir with a warmup_cosine schedule or --config.grad_clip_norm=1.0), or the input data contain NaN/Inf. '
-        'The latest checkpoint holds the parameters its update made, which may already be too large.'
+        '--workdir with --config.schedule=warmup_cosine --config.warmup_epochs=1, or --config.grad_clip_norm=1.0), '
+        'or the input data contain NaN/Inf. The latest checkpoint holds the parameters its update made, which may '
+        'already be too large.'
       )
 
 

@@ -183,6 +183,8 @@ def test_nan_loss_stops_the_run_before_its_step_is_checkpointed(tmp_path):
     ({'momentum': 1.0}, r'config\.momentum=1\.0 .* \[0, 1\)'),
     ({'weight_decay': -0.1}, r'config\.weight_decay=-0\.1 .* >= 0'),
     ({'schedule': 'warmup_cosine', 'warmup_epochs': 2.0}, r'config\.warmup_epochs=2\.0 .* less than num_epochs=2'),
+    ({'schedule': 'warmup_cosine'}, r'config\.warmup_epochs=0\.0 .* more than 0'),  # Else it is cosine.
+    ({'warmup_epochs': 1.0}, r"config\.warmup_epochs=1\.0 .* only schedule='warmup_cosine' warms up, not 'cosine'"),
     ({'eval_every_steps': -1}, r'config\.eval_every_steps=-1 .* >= 0'),
   ],
 )
@@ -416,7 +418,8 @@ print(jax.device_count(), 'devices')
 
 def test_data_parallel_over_8_devices_matches_one_device(short_run, tmp_path):
   workdir, state, _ = short_run
-  environment = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  # The 8 devices are simulated CPUs, also where jax[cuda] or jax[tpu] would pick an accelerator.
+  environment = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
   command = [sys.executable, '-c', DATA_PARALLEL_SCRIPT, str(tmp_path), json.dumps(SHORT_RUN)]
   result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
