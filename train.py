@@ -9,6 +9,7 @@ The workdir holds `config.json`, `checkpoints/`, `metrics.jsonl` and TensorBoard
 
 import ctypes
 import functools
+import json
 import os
 import sys
 import time
@@ -296,6 +297,29 @@ def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, 
   return None if state is None else (state.params, int(np.max(state.step)))
 
 
+BATCH_SETTINGS = ('dataset', 'validation_size', 'batch_size', 'seed')  # Which examples make batch N of a run.
+
+
+def _check_same_batches(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+  """Raises ValueError if resuming at `step` would change which examples the batches hold (BATCH_SETTINGS).
+
+  A checkpoint counts steps, so a run resumed with another batch size, split or seed would repeat or skip data and
+  end at another epoch. They are compared with the config the latest run saved, which made the checkpoint.
+  """
+  saved = workdir_lib.saved_configs(workdir)
+  if not saved:
+    return
+  with open(saved[-1]) as f:
+    previous = json.load(f)
+  changed = [name for name in BATCH_SETTINGS if name in previous and previous[name] != config[name]]
+  if changed:
+    raise ValueError(
+      f'Resuming the checkpoint at step {step} in {workdir} needs the batches of the run that made it, but '
+      + ', '.join(f'config.{name}={config[name]!r} (that run: {previous[name]!r})' for name in changed)
+      + f' (from {saved[-1]}). Set them back to resume, or use a new --workdir; nothing was changed.'
+    )
+
+
 def _check_finite(pending: list[tuple[int, dict]], learning_rates: np.ndarray) -> None:
   """Raises NonFiniteLossError at the first step in `pending` whose loss (of any model) is NaN or Inf."""
   for step, metrics in pending:
@@ -350,6 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
   restored = workdir_lib.restore_checkpoint(manager, _abstract(state, replicated), workdir, set_aside_corrupt=True)
   if restored is not None:
+    _check_same_batches(config, workdir, int(np.max(restored.step)))
     # The peak learning rate is a hyperparameter in the optimiser state: the config's replaces the checkpoint's,
     # so that a resumed run can lower it (config_step<N>.json records the change).
     state = restored.replace(opt_state=restored.opt_state._replace(hyperparams=state.opt_state.hyperparams))

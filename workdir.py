@@ -63,7 +63,11 @@ def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state)
   differences = [name for name in sorted(expected.keys() | found.keys()) if expected.get(name) != found.get(name)]
   if not differences:
     return
-  if any(name.startswith('params/') for name in differences):
+  if expected.get('step') != found.get('step'):  # A sweep's state has a leading [K] axis, its step too.
+    models = found['step'][0] if found.get('step') else 1
+    cause = f'holds {models} model(s) side by side, not config.num_models={(expected.get("step") or (1,))[0]}'
+    cause += f' (set --config.num_models={models} to resume it)'
+  elif any(name.startswith('params/') for name in differences):
     cause = 'belongs to a different model'
   else:
     cause = 'has the optimiser state of other settings (config.optimizer, weight_decay or grad_clip_norm)'

@@ -120,8 +120,9 @@ def wide_config():
     (wide_config, r'belongs to a different model:\n.*conv1/kernel: checkpoint \(5, 5, 1, 3\), config \(5, 5, 1, 12\)'),
     # Clipping adds a stage to the optimiser chain: the adam moments move to another place in its state.
     (lambda: short_config(grad_clip_norm=1.0), r'optimiser state of other settings .*:\n  opt_state/inner_state/0/'),
+    (lambda: short_config(num_models=2), r'holds 1 model\(s\) side by side, not config.num_models=2 .*num_models=1 '),
   ],
-  ids=['model', 'optimiser'],
+  ids=['model', 'optimiser', 'sweep'],
 )
 def test_incompatible_checkpoint_is_refused_and_kept(short_run, tmp_path, make_config, message):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
@@ -130,6 +131,16 @@ def test_incompatible_checkpoint_is_refused_and_kept(short_run, tmp_path, make_c
     train.train_and_evaluate(make_config(), workdir)
   assert {n: os.path.getmtime(os.path.join(workdir, 'checkpoints', n)) for n in before} == before
   assert not os.path.exists(os.path.join(workdir, 'corrupt_checkpoints'))
+
+
+@pytest.mark.parametrize('setting, value', [('batch_size', 32), ('validation_size', 500), ('seed', 1)])
+def test_resuming_with_other_batches_is_refused(short_run, tmp_path, setting, value):
+  workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
+  before = sorted(os.listdir(workdir))
+  message = rf'step 124 .* config\.{setting}={value} \(that run: {short_config()[setting]}\).*Set them back'
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(short_config(**{setting: value}), workdir)
+  assert sorted(os.listdir(workdir)) == before  # No config saved, no metrics written.
 
 
 def test_resumed_run_takes_the_learning_rate_of_its_config(short_run, tmp_path):
