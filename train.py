@@ -9,7 +9,6 @@ The workdir holds `config.json`, `checkpoints/`, `metrics.jsonl` and TensorBoard
 
 import ctypes
 import functools
-import json
 import os
 import sys
 import time
@@ -287,6 +286,9 @@ def device_mesh() -> jax.sharding.Mesh:
 def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, int] | None:
   """(params, step) of the latest checkpoint in `workdir` for `config`'s model, or None if there is none.
 
+  The whole TrainState is restored, so `config` must have the run's optimiser settings too: the config the run
+  saved, `workdir.load_config(workdir)`, has them.
+
   For a sweep (config.num_models > 1) every parameter has a leading [K] axis: model k is `params[...][k]`.
   """
   # Only the parameters are returned, so the schedule's length (steps per epoch) in this state does not matter.
@@ -306,17 +308,13 @@ def _check_same_batches(config: ml_collections.ConfigDict, workdir: str, step: i
   A checkpoint counts steps, so a run resumed with another batch size, split or seed would repeat or skip data and
   end at another epoch. They are compared with the config the latest run saved, which made the checkpoint.
   """
-  saved = workdir_lib.saved_configs(workdir)
-  if not saved:
-    return
-  with open(saved[-1]) as f:
-    previous = json.load(f)
-  changed = [name for name in BATCH_SETTINGS if name in previous and previous[name] != config[name]]
+  previous = workdir_lib.load_config(workdir)
+  changed = [name for name in BATCH_SETTINGS if previous and name in previous and previous[name] != config[name]]
   if changed:
     raise ValueError(
       f'Resuming the checkpoint at step {step} in {workdir} needs the batches of the run that made it, but '
       + ', '.join(f'config.{name}={config[name]!r} (that run: {previous[name]!r})' for name in changed)
-      + f' (from {saved[-1]}). Set them back to resume, or use a new --workdir; nothing was changed.'
+      + '. Set them back to resume, or use a new --workdir; nothing was changed.'
     )
 
 

@@ -29,23 +29,13 @@ matplotlib.use('Agg')  # Files only; there is no display.
 from matplotlib import pyplot as plt  # noqa: E402 -- must follow the backend choice.
 
 
-def _tuples(value):
-  """JSON turns the config's tuples (input_shape, conv_features, ...) into lists; the model needs them back."""
-  if isinstance(value, dict):
-    return {key: _tuples(item) for key, item in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(item) for item in value)
-  return value
-
-
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of the latest run in workdir (the last it saved), or the default config when there is none."""
-  saved = workdir_lib.saved_configs(workdir)
-  if not saved:
+  config = workdir_lib.load_config(workdir)
+  if config is None:
     logging.info('No config in %s; using configs/default.py.', workdir)
     return default.get_config()
-  with open(saved[-1]) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+  return config
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str, model_index: int = 0) -> tuple[dict, str]:

@@ -134,6 +134,24 @@ def saved_configs(workdir: str) -> list[str]:
   return [os.path.join(workdir, name) for name in sorted(names, key=order)]
 
 
+def _tuples(value):
+  """JSON turns the config's tuples (input_shape, conv_features, ...) into lists; the model needs them back."""
+  if isinstance(value, dict):
+    return {key: _tuples(item) for key, item in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(item) for item in value)
+  return value
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config of the latest run in workdir (the last one saved), or None when there is none."""
+  saved = saved_configs(workdir)
+  if not saved:
+    return None
+  with open(saved[-1]) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
   """Saves config.json; a run whose config differs from the last one saved adds config_step<N>[_<i>].json.
 
