@@ -68,6 +68,7 @@ def test_cifar10_is_rgb_with_augmentation():
   assert params['conv1']['kernel'].shape == (5, 5, 3, 3)  # Each filter is a 5x5x3 volume.
 
 
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections' config file loader.
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
 def test_every_setting_can_be_set_from_the_command_line(path):
   """--config.<name>=<value> sets each field; a plain None field would refuse any value, having no type."""
