@@ -221,10 +221,12 @@ def _check_geometry(h, w, num_convs, kernel_size, strides, padding, pool_window)
   sizes = range(1, max(h, w) + 1)
   kernels = [k for k in sizes if not _geometry_problem(h, w, num_convs, k, strides, padding, pool_window)]
   windows = [p for p in sizes if not _geometry_problem(h, w, num_convs, kernel_size, strides, padding, p)]
+  all_strides = [s for s in sizes if not _geometry_problem(h, w, num_convs, kernel_size, s, padding, pool_window)]
   raise ValueError(
     f'{problem}. For a {h}x{w} input, {num_convs} conv/pool stages, strides={strides} and padding={padding}: '
     f'valid kernel_size with pool_window={pool_window}: {kernels or "none"}; valid pool_window with '
-    f'kernel_size={kernel_size}: {windows or "none"} (or change input_shape).'
+    f'kernel_size={kernel_size}: {windows or "none"}; valid strides with both: {all_strides or "none"} (or change '
+    'input_shape).'
   )
 
 

@@ -120,6 +120,7 @@ def test_tfds_datasets_load_under_mock_data(name, tmp_path):
 @pytest.mark.parametrize('in_config', [True, False], ids=['config.data_dir', 'TFDS_DATA_DIR'])
 def test_missing_tfds_data_fails_fast_with_instructions(in_config, tmp_path, monkeypatch):
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path))
+  monkeypatch.setattr(tfds.core.constants, 'DATA_DIR', str(tmp_path))  # tfds read the variable when imported.
   start = time.monotonic()
   with pytest.raises(FileNotFoundError, match="array_record.*config.data_dir.*config.dataset='embedded_mnist'"):
     input_pipeline.load_split(_config(dataset='fashion_mnist', data_dir=str(tmp_path) if in_config else None), 'train')

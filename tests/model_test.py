@@ -273,6 +273,7 @@ class ValidationTest(parameterized.TestCase):
     ({'kernel_size': 10}, r'pool_window=2 does not divide the 23x23 output of conv1\..* pool_window=2: \[1, 5, 9\]'),
     ({'pool_window': 3}, r'model\.pool_window=3 does not divide the 28x28 output of conv1\..* kernel_size=5: \[1, 2\]'),
     ({'pool_window': 4}, r'model\.pool_window=4 does not divide the 3x3 output of conv2\..* kernel_size=5: \[1, 2\]'),
+    ({'strides': 3}, r'does not divide the 1x1 output of conv2\. .*strides=3 .* valid strides with both: \[1, 2\]'),
     ({'flatten_seed': -1}, r'model\.flatten_seed=-1 .* integer >= 0'),
     ({'strides': True}, r'model\.strides=True .* integer >= 1'),
     ({'foo': 1}, r"config\.model has no setting foo; the settings are \['conv_features', 'kernel_size'"),

@@ -1,5 +1,6 @@
 """The experiment runner on the real embedded digits: learning, exact resume, refusals and logs."""
 
+import functools
 import json
 import os
 import random
@@ -63,8 +64,12 @@ def test_same_seed_gives_identical_metrics_and_params(short_run, tmp_path):
 
 def test_validation_size_evaluates_on_the_held_out_tail_instead_of_test(tmp_path):
   config = short_config(num_epochs=1, validation_size=500, eval_every_steps=0)
-  _, metrics = train.train_and_evaluate(config, str(tmp_path))
+  state, metrics = train.train_and_evaluate(config, str(tmp_path))
   assert set(metrics) == {'validation_loss', 'validation_accuracy'}
+  eval_fn = jax.jit(functools.partial(train.eval_step, apply_fn=state.apply_fn))
+  recomputed = train.evaluate(eval_fn, state.params, input_pipeline.load_split(config, 'validation'), 500)
+  np.testing.assert_allclose(metrics['validation_accuracy'], recomputed['accuracy'])
+  np.testing.assert_allclose(metrics['validation_loss'], recomputed['loss'], rtol=1e-5)
   assert [(r['step'], r['split']) for r in read_metrics(str(tmp_path)) if r['split'] != 'train'] == [(54, 'validation')]
   assert metrics['validation_accuracy'] >= 0.7  # 0.824 measured after 54 steps on the other 3,500; chance is 0.10.
 
@@ -102,8 +107,12 @@ def test_checkpoints_and_config_are_saved(short_run):
 def test_finished_run_is_not_retrained(short_run):
   workdir, state, metrics = short_run
   before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  rows = read_metrics(workdir)
   again, again_metrics = train.train_and_evaluate(short_config(), workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
+  assert read_metrics(workdir)[: len(rows)] == rows and all(
+    r['split'] != 'train' for r in read_metrics(workdir)[len(rows) :]
+  )
   assert_trees_bitwise_equal(again.params, state.params)
   assert again_metrics == metrics
 
