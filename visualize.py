@@ -4,8 +4,8 @@
 
 The config is the last one the workdir's runs saved (config.json, or the latest config_step<N>.json; else
 configs/default.py) and the parameters come from the workdir's latest checkpoint; without one, a fresh init is
-drawn and every title says so. The image is test example --index of the
-config's dataset. When <workdir>/metrics.jsonl exists, the learning curves are drawn too. The PNGs go to
+drawn and every title says so. The image is test example --index of the config's dataset. When
+<workdir>/metrics.jsonl exists, the learning curves are drawn too. The PNGs go to
 <workdir>/pictures/test_example_<index>[_model_<k>]/ unless --out_dir says otherwise.
 """
 

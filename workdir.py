@@ -64,9 +64,9 @@ def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state)
   if not differences:
     return
   if expected.get('step') != found.get('step'):  # A sweep's state has a leading [K] axis, its step too.
-    models = found['step'][0] if found.get('step') else 1
-    cause = f'holds {models} model(s) side by side, not config.num_models={(expected.get("step") or (1,))[0]}'
-    cause += f' (set --config.num_models={models} to resume it)'
+    found_models, expected_models = ((shapes.get('step') or (1,))[0] for shapes in (found, expected))
+    cause = f'holds {found_models} model(s) side by side, not config.num_models={expected_models}'
+    cause += f' (set --config.num_models={found_models} to resume it)'
   elif any(name.startswith('params/') for name in differences):
     cause = 'belongs to a different model'
   else:

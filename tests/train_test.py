@@ -110,9 +110,8 @@ def test_finished_run_is_not_retrained(short_run):
   rows = read_metrics(workdir)
   again, again_metrics = train.train_and_evaluate(short_config(), workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
-  assert read_metrics(workdir)[: len(rows)] == rows and all(
-    r['split'] != 'train' for r in read_metrics(workdir)[len(rows) :]
-  )
+  after = read_metrics(workdir)
+  assert after[: len(rows)] == rows and all(r['split'] != 'train' for r in after[len(rows) :])  # No step retrained.
   assert_trees_bitwise_equal(again.params, state.params)
   assert again_metrics == metrics
 
