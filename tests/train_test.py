@@ -37,6 +37,11 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+def train_steps_logged(workdir, after_row):
+  """The steps of the train rows written after the first after_row rows of metrics.jsonl: a resumed run's own."""
+  return [r['step'] for r in read_metrics(workdir)[after_row:] if r['split'] == 'train']
+
+
 def assert_trees_bitwise_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
@@ -168,9 +173,11 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run,
     for name in files:
       with open(os.path.join(root, name), 'r+b') as f:
         f.truncate(max(os.path.getsize(os.path.join(root, name)) // 2, 1))
+  rows_before = len(read_metrics(workdir))
   resumed, _ = train.train_and_evaluate(short_config(), workdir)
   assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', '124'))  # Moved, not deleted.
-  assert_trees_bitwise_equal(resumed.params, state.params)  # Steps 93..124 were retrained exactly.
+  assert train_steps_logged(workdir, after_row=rows_before) == [100, 120, 124]  # Resumed at 93, not from scratch.
+  assert_trees_bitwise_equal(resumed.params, state.params)  # Steps 94..124 were retrained exactly.
 
 
 def test_nan_loss_stops_the_run_before_its_step_is_checkpointed(tmp_path):
@@ -347,7 +354,9 @@ def test_sigkill_then_rerun_resumes_bitwise_exactly(tmp_path):
   assert killed_at < 248
 
   rerun = run_train_py(workdir, *flags)
-  assert rerun.wait() == 0, rerun.stderr.read()
+  _, log = rerun.communicate()
+  assert rerun.returncode == 0, log
+  assert f'Resumed from the checkpoint at step {killed_at}.' in log  # Not retrained from step 0.
   params, step = train.load_params(config, str(workdir))
   assert step == 248
   assert_trees_bitwise_equal(params, uninterrupted.params)
@@ -380,7 +389,9 @@ def test_epoch_mode_resumes_exactly_from_an_epoch_boundary(tmp_path):
   finished, _ = train.train_and_evaluate(config, str(tmp_path / 'run'))
   interrupted = shutil.copytree(tmp_path / 'run', tmp_path / 'interrupted')
   shutil.move(interrupted / 'checkpoints' / '124', tmp_path / 'set_aside')  # As if stopped after epoch 1.
+  rows_before = len(read_metrics(interrupted))
   resumed, _ = train.train_and_evaluate(config, str(interrupted))
+  assert train_steps_logged(interrupted, after_row=rows_before) == [80, 100, 120, 124]  # Epoch 2 only: steps 63..124.
   assert_trees_bitwise_equal(resumed.params, finished.params)
 
 
