@@ -60,6 +60,8 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state) -> None:
 def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
   """Raises IncompatibleCheckpointError unless checkpoint `step` has the leaves and shapes of `abstract_state`."""
   expected, found = _shapes(abstract_state), _shapes(manager.item_metadata(step))
+  if not found:  # Orbax returns no tree when the checkpoint's _METADATA file is missing: it cannot be read.
+    raise ValueError(f'checkpoint {step} lists no arrays (its _METADATA file is missing or empty)')
   differences = [name for name in sorted(expected.keys() | found.keys()) if expected.get(name) != found.get(name)]
   if not differences:
     return

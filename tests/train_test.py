@@ -165,14 +165,22 @@ def test_resumed_run_takes_the_learning_rate_of_its_config(short_run, tmp_path):
     assert json.load(f)['learning_rate'] == 1e-4
 
 
-def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run, tmp_path):
-  workdir, state, _ = short_run
-  workdir = shutil.copytree(workdir, str(tmp_path / 'run'))
-  latest = os.path.join(workdir, 'checkpoints', '124')
-  for root, _, files in os.walk(latest):
+def truncate_every_file(checkpoint):
+  for root, _, files in os.walk(checkpoint):
     for name in files:
       with open(os.path.join(root, name), 'r+b') as f:
         f.truncate(max(os.path.getsize(os.path.join(root, name)) // 2, 1))
+
+
+@pytest.mark.parametrize(
+  'corrupt',
+  [truncate_every_file, lambda checkpoint: os.remove(os.path.join(checkpoint, 'default', '_METADATA'))],
+  ids=['truncated', 'metadata_removed'],  # Orbax reads the second as an empty tree, which is not another model.
+)
+def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run, tmp_path, corrupt):
+  workdir, state, _ = short_run
+  workdir = shutil.copytree(workdir, str(tmp_path / 'run'))
+  corrupt(os.path.join(workdir, 'checkpoints', '124'))
   rows_before = len(read_metrics(workdir))
   resumed, _ = train.train_and_evaluate(short_config(), workdir)
   assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', '124'))  # Moved, not deleted.
