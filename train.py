@@ -325,7 +325,7 @@ def _check_finite(pending: list[tuple[int, dict]], learning_rates: np.ndarray) -
     for k in np.flatnonzero(~np.isfinite(losses)):
       which = f' of model {k} (learning rate {learning_rates[k]:g})' if len(losses) > 1 else ''
       raise NonFiniteLossError(
-        f'The training loss{which} became {losses[k]} at step {step}; the checkpoints before it were kept. Likely '
+        f'The training loss{which} became {losses[k]} at step {step}; any checkpoints before it were kept. Likely '
         'causes: the learning rate is too high (resume with a smaller --config.learning_rate, or start a new '
         '--workdir with --config.schedule=warmup_cosine --config.warmup_epochs=1, or --config.grad_clip_norm=1.0), '
         'or the input data contain NaN/Inf. The latest checkpoint holds the parameters its update made, which may '
@@ -427,6 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
       if config.train_mode == 'step':
         log_progress(step, train_metrics)
     if step % eval_every == 0 and not is_last:
+      _check_finite(pending, learning_rates)  # Parameters a NaN step made are not evaluated, nor their metrics logged.
       jax.block_until_ready(state)  # Dispatch runs ahead: count the queued training steps as training.
       eval_start = time.perf_counter()
       eval_metrics = evaluate(eval_fn, state.params, eval_data, config.eval_batch_size)

@@ -193,13 +193,20 @@ def test_nan_loss_stops_the_run_before_its_step_is_checkpointed(tmp_path):
   config = short_config(schedule='constant', learning_rate=1e30, checkpoint_every_steps=1)
   with pytest.raises(
     train.NonFiniteLossError,
-    match=r'became (nan|inf) at step (\d+); the checkpoints before it were kept\. .*learning rate',
+    match=r'became (nan|inf) at step (\d+); any checkpoints before it were kept\. .*learning rate',
   ) as error:
     train.train_and_evaluate(config, str(tmp_path))
   nan_step = int(error.value.args[0].split('at step ')[1].split(';')[0])
   params, step = train.load_params(config, str(tmp_path))
   assert step == nan_step - 1  # Checkpointed every step, up to the last one with a finite loss.
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_nan_loss_stops_the_run_before_its_parameters_are_evaluated(tmp_path):
+  config = short_config(schedule='constant', learning_rate=1e30, eval_every_steps=5)
+  with pytest.raises(train.NonFiniteLossError, match=r'became (nan|inf) at step [1-5]; any checkpoints before'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'metrics.jsonl') or read_metrics(str(tmp_path)) == []  # No NaN test row.
 
 
 @pytest.mark.parametrize(
