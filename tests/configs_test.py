@@ -68,14 +68,34 @@ def test_cifar10_is_rgb_with_augmentation():
   assert params['conv1']['kernel'].shape == (5, 5, 3, 3)  # Each filter is a 5x5x3 volume.
 
 
+REAL_VALUED = ('grad_clip_norm', 'learning_rate', 'momentum', 'warmup_epochs', 'weight_decay')
+
+
 @pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections' config file loader.
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
 def test_every_setting_can_be_set_from_the_command_line(path):
-  """--config.<name>=<value> sets each field; a plain None field would refuse any value, having no type."""
-  new_values = {'data_dir': '/data/tfds'}  # None by default.
+  """--config.<name>=<value> sets each field to a new value of its kind.
+
+  A plain None field would refuse any value, having no type; a real-valued setting written as an int (0, not 0.0)
+  would refuse a fraction, hence a fraction for each of them.
+  """
   for name, value in flat_items(load(os.path.basename(path)[:-3])):
-    argv = ['train.py', f'--config={path}', f'--config.{name}={new_values.get(name, value)}']
+    new_value = changed(value) if value is not None else '/data/tfds'  # data_dir, None until set.
+    if name in REAL_VALUED:
+      new_value = value + 0.5
+    argv = ['train.py', f'--config={path}', f'--config.{name}={new_value}']
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
     flag_values(argv)
-    assert dict(flat_items(flag_values.config))[name] == new_values.get(name, value)
+    assert dict(flat_items(flag_values.config))[name] == new_value != value
+
+
+def changed(value):
+  """Another value of the same kind as `value`."""
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, (int, float)):
+    return value + (1 if isinstance(value, int) else 0.5)
+  if isinstance(value, str):
+    return value + '_changed'
+  return (*value, value[-1]) if value else (0.5,)  # A tuple.

@@ -78,6 +78,8 @@ def test_validation_is_the_held_out_tail_of_train(train_split):
   config = _config(validation_size=500)
   held_in, validation = input_pipeline.load_split(config, 'train'), input_pipeline.load_split(config, 'validation')
   np.testing.assert_array_equal(held_in['image'], train_split['image'][:3500])
+  np.testing.assert_array_equal(held_in['label'], train_split['label'][:3500])
+  np.testing.assert_array_equal(validation['image'], train_split['image'][3500:])
   np.testing.assert_array_equal(validation['label'], train_split['label'][3500:])
   assert np.bincount(validation['label']).min() >= 30  # The train split is shuffled, not grouped by class.
 

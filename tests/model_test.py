@@ -80,7 +80,10 @@ class ShapesTest(parameterized.TestCase):
     conv1_row = next(line for line in table.splitlines() if line.startswith('conv1'))
     # 28*28 positions x 3 filters, each a 5x5x1 dot product: 2 FLOPs per multiply-add.
     self.assertEqual(conv1_row.split()[-2:], ['78', f'{28 * 28 * 3 * 5 * 5 * 1 * 2:,}'])
-    self.assertEqual(table.splitlines()[-1].split()[:2], ['total', '16,644'])
+    fc_rows = [line.split()[-2:] for line in table.splitlines() if line.startswith('fc')]
+    self.assertEqual(fc_rows, [['15,100', f'{150 * 100 * 2:,}'], ['1,010', f'{100 * 10 * 2:,}']])
+    total_flops = 28 * 28 * 3 * 5 * 5 * 1 * 2 + 10 * 10 * 6 * 5 * 5 * 3 * 2 + 150 * 100 * 2 + 100 * 10 * 2
+    self.assertEqual(table.splitlines()[-1].split(), ['total', '16,644', f'{total_flops:,}'])
 
 
 def lax_conv(x, kernel, strides, padding):
@@ -198,15 +201,16 @@ class ConvolutionTest(parameterized.TestCase):
       np.testing.assert_allclose(outputs[f'pool{i}'], expected, rtol=1e-6, atol=atol, err_msg=f'pool{i}')
 
   def test_max_pool_gradient_splits_ties_like_the_reference(self):
-    # One 2x2 window holding [[1, 3], [3, 0]]: the maximum 3 is tied, so each 3 gets half the gradient.
-    x = jnp.array([[1.0, 3.0], [3.0, 0.0]]).reshape(1, 2, 2, 1)
+    # One 2x2 window holding [[3, 1], [3, 0]]: the maximum 3 is tied, so each 3 gets half the gradient (the window
+    # is not symmetric, so a gradient sent to the transposed positions would show).
+    x = jnp.array([[3.0, 1.0], [3.0, 0.0]]).reshape(1, 2, 2, 1)
 
     def pooled_sum(x):
       return model.pool_windows(model.conv_windows(x, jnp.ones((1, 1, 1, 1)), jnp.zeros(1), 1, 'VALID', 2), 'max').sum()
 
-    np.testing.assert_array_equal(jax.grad(pooled_sum)(x).squeeze(), [[0, 0.5], [0.5, 0]])
+    np.testing.assert_array_equal(jax.grad(pooled_sum)(x).squeeze(), [[0.5, 0], [0.5, 0]])
     by_hand = reference.pool2d_backward(np.asarray(x), np.ones((1, 1, 1, 1)), 'max', 2)
-    np.testing.assert_array_equal(by_hand.squeeze(), [[0, 0.5], [0.5, 0]])
+    np.testing.assert_array_equal(by_hand.squeeze(), [[0.5, 0], [0.5, 0]])
 
 
 class FlattenOrderTest(parameterized.TestCase):
