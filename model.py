@@ -265,13 +265,13 @@ class Conv(nn.Module):
   strides: int
   padding: str
   pool_window: int
+  param_dtype: jnp.dtype = jnp.float32  # As nn.Dense's: float32 whatever JAX's default float (e.g. under x64).
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param(
-      'kernel', nn.initializers.lecun_normal(), (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
-    )
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    kernel_shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), kernel_shape, self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     return conv_windows(x, kernel, bias, self.strides, self.padding, self.pool_window)
 
 

@@ -48,6 +48,11 @@ class ShapesTest(parameterized.TestCase):
     expected = [('input', (32, 32, 3))] + DEFAULT_LAYER_SHAPES_C1[1:]
     self.assertEqual(list(model.layer_shapes(make_config(3)).items()), expected)
 
+  def test_params_are_float32_even_where_jax_defaults_to_float64(self):
+    with jax.enable_x64(True):
+      params = jax.eval_shape(lambda: model.init_params(make_config(1), jax.random.key(0)))
+    self.assertEqual(set(leaf.dtype for leaf in jax.tree.leaves(params)), {jnp.dtype('float32')})
+
   @parameterized.parameters((1, 16_644), (3, 16_794))
   def test_param_shapes_and_count(self, channels, count):
     params = model.init_params(make_config(channels), jax.random.key(0))
