@@ -476,6 +476,7 @@ def run(experiment: str, out_dir: str, num_epochs: int) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  os.makedirs(flags.FLAGS.out_dir, exist_ok=True)  # A path that cannot be a directory fails now, not after training.
   train.tune_cpu_runtime()
   run(flags.FLAGS.experiment, flags.FLAGS.out_dir, flags.FLAGS.num_epochs)
 
@@ -484,6 +485,6 @@ if __name__ == '__main__':
   # Defined here rather than at import, as in train.py, so that importing this module defines no flags.
   flags.DEFINE_enum('experiment', None, EXPERIMENTS, 'Which claim to test.')
   flags.DEFINE_string('out_dir', 'runs/explain', 'Directory for the PNG.')
-  flags.DEFINE_integer('num_epochs', 3, "Training epochs of every run, fewer than the default config's.")
+  flags.DEFINE_integer('num_epochs', 3, "Training epochs of every run, fewer than the default config's.", lower_bound=1)
   flags.mark_flag_as_required('experiment')
   app.run(main)
