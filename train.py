@@ -354,6 +354,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   total_steps = config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps or steps_per_epoch
   checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
+  if config.schedule == 'warmup_cosine' and int(config.warmup_epochs * steps_per_epoch) < 1:
+    raise ValueError(
+      f'config.warmup_epochs={config.warmup_epochs} is less than one of the {steps_per_epoch} steps of an epoch, '
+      f'so there would be no warmup; use at least {1 / steps_per_epoch:.3g}.'
+    )
   if config.train_mode == 'epoch':
     for name, every in (('eval_every_steps', eval_every), ('checkpoint_every_steps', checkpoint_every)):
       if every % steps_per_epoch:

@@ -419,6 +419,13 @@ def test_epoch_mode_resumes_a_step_mode_run_from_inside_an_epoch(short_run, tmp_
   assert os.path.exists(interrupted / 'config_step93.json')  # The changed train_mode is on record.
 
 
+def test_a_warmup_shorter_than_a_step_is_refused(tmp_path):
+  config = short_config(schedule='warmup_cosine', warmup_epochs=0.01)  # 0.62 of the 62 steps of an epoch.
+  with pytest.raises(ValueError, match=r'config\.warmup_epochs=0\.01 is less than one of the 62 steps .* 0\.0161'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+
+
 def test_epoch_mode_refuses_a_cadence_inside_an_epoch(tmp_path):
   with pytest.raises(ValueError, match=r'config\.checkpoint_every_steps=31 .* multiple of the 62 steps of an epoch'):
     train.train_and_evaluate(short_config(train_mode='epoch'), str(tmp_path))
