@@ -374,10 +374,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   sweep = config.num_models > 1
   state = jax.device_put(create_initial_state(config, steps_per_epoch), replicated)
   manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
+  if manager.latest_step() is not None:  # Checked before a corrupt checkpoint could be set aside.
+    _check_same_batches(config, workdir, manager.latest_step())
   # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
   restored = workdir_lib.restore_checkpoint(manager, _abstract(state, replicated), workdir, set_aside_corrupt=True)
   if restored is not None:
-    _check_same_batches(config, workdir, int(np.max(restored.step)))
     # The peak learning rate is a hyperparameter in the optimiser state: the config's replaces the checkpoint's,
     # so that a resumed run can lower it (config_step<N>.json records the change).
     state = restored.replace(opt_state=restored.opt_state._replace(hyperparams=state.opt_state.hyperparams))

@@ -156,6 +156,14 @@ def test_resuming_with_other_batches_is_refused(short_run, tmp_path, setting, va
   assert sorted(os.listdir(workdir)) == before  # No config saved, no metrics written.
 
 
+def test_resuming_with_other_batches_is_refused_before_a_corrupt_checkpoint_is_set_aside(short_run, tmp_path):
+  workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
+  truncate_every_file(os.path.join(workdir, 'checkpoints', '124'))
+  with pytest.raises(ValueError, match=r'step 124 .* config\.seed=1 .* nothing was changed'):
+    train.train_and_evaluate(short_config(seed=1), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['124', '62', '93']
+
+
 def test_resumed_run_takes_the_learning_rate_of_its_config(short_run, tmp_path):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
   state, _ = train.train_and_evaluate(short_config(num_epochs=3, learning_rate=1e-4), workdir)
