@@ -299,21 +299,34 @@ def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, 
   return None if state is None else (state.params, int(np.max(state.step)))
 
 
-BATCH_SETTINGS = ('dataset', 'validation_size', 'batch_size', 'seed')  # Which examples make batch N of a run.
+# What a resumed run must share with the run that made its checkpoint: the examples that make batch N, and the
+# function its parameters compute (a model of other settings with the same parameter shapes would load silently).
+RESUME_SETTINGS = ('dataset', 'validation_size', 'batch_size', 'seed', 'model')
 
 
-def _check_same_batches(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
-  """Raises ValueError if resuming at `step` would change which examples the batches hold (BATCH_SETTINGS).
+def _check_resumable(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+  """Raises ValueError if resuming at `step` would change the batches or the model (RESUME_SETTINGS).
 
   A checkpoint counts steps, so a run resumed with another batch size, split or seed would repeat or skip data and
   end at another epoch. They are compared with the config the latest run saved, which made the checkpoint.
   """
   previous = workdir_lib.load_config(workdir)
-  changed = [name for name in BATCH_SETTINGS if previous and name in previous and previous[name] != config[name]]
+  if previous is None:
+    return
+  changed = []  # (name, value, that run's value), with config.model compared field by field.
+  for name in RESUME_SETTINGS:
+    if name not in previous:
+      continue
+    if isinstance(config[name], ml_collections.ConfigDict):
+      fields = sorted(set(config[name].keys()) | set(previous[name].keys()))
+      pairs = [(f'{name}.{f}', config[name].get(f), previous[name].get(f)) for f in fields]
+    else:
+      pairs = [(name, config[name], previous[name])]
+    changed += [(name, value, before) for name, value, before in pairs if value != before]
   if changed:
     raise ValueError(
-      f'Resuming the checkpoint at step {step} in {workdir} needs the batches of the run that made it, but '
-      + ', '.join(f'config.{name}={config[name]!r} (that run: {previous[name]!r})' for name in changed)
+      f'Resuming the checkpoint at step {step} in {workdir} needs the batches and model of the run that made it, but '
+      + ', '.join(f'config.{name}={value!r} (that run: {before!r})' for name, value, before in changed)
       + '. Set them back to resume, or use a new --workdir; nothing was changed.'
     )
 
@@ -375,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   state = jax.device_put(create_initial_state(config, steps_per_epoch), replicated)
   manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
   if manager.latest_step() is not None:  # Checked before a corrupt checkpoint could be set aside.
-    _check_same_batches(config, workdir, manager.latest_step())
+    _check_resumable(config, workdir, manager.latest_step())
   # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
   restored = workdir_lib.restore_checkpoint(manager, _abstract(state, replicated), workdir, set_aside_corrupt=True)
   if restored is not None:
