@@ -308,7 +308,8 @@ def _check_resumable(config: ml_collections.ConfigDict, workdir: str, step: int)
   """Raises ValueError if resuming at `step` would change the batches or the model (RESUME_SETTINGS).
 
   A checkpoint counts steps, so a run resumed with another batch size, split or seed would repeat or skip data and
-  end at another epoch. They are compared with the config the latest run saved, which made the checkpoint.
+  end at another epoch; another config.model setting of the same parameter shapes would load the parameters into
+  another function. They are compared with the config the latest run saved, which made the checkpoint.
   """
   previous = workdir_lib.load_config(workdir)
   if previous is None:
@@ -319,14 +320,14 @@ def _check_resumable(config: ml_collections.ConfigDict, workdir: str, step: int)
       continue
     if isinstance(config[name], ml_collections.ConfigDict):
       fields = sorted(set(config[name].keys()) | set(previous[name].keys()))
-      pairs = [(f'{name}.{f}', config[name].get(f), previous[name].get(f)) for f in fields]
+      pairs = [(f'{name}.{field}', config[name].get(field), previous[name].get(field)) for field in fields]
     else:
       pairs = [(name, config[name], previous[name])]
-    changed += [(name, value, before) for name, value, before in pairs if value != before]
+    changed += [(setting, value, before) for setting, value, before in pairs if value != before]
   if changed:
     raise ValueError(
       f'Resuming the checkpoint at step {step} in {workdir} needs the batches and model of the run that made it, but '
-      + ', '.join(f'config.{name}={value!r} (that run: {before!r})' for name, value, before in changed)
+      + ', '.join(f'config.{setting}={value!r} (that run: {before!r})' for setting, value, before in changed)
       + '. Set them back to resume, or use a new --workdir; nothing was changed.'
     )
 
