@@ -154,16 +154,21 @@ def test_batch_order_is_a_pure_function_of_seed_and_epoch(train_split):
   np.testing.assert_array_equal(traced, indices)
 
 
-def test_augmented_batches_follow_the_documented_keys(train_split):
+# (0, False) is no augmentation, (1, False) the digits' default, (4, True) cifar10's.
+@pytest.mark.parametrize('crop_padding, flip', [(0, False), (1, False), (0, True), (4, True)])
+def test_augmented_batches_follow_the_documented_keys(train_split, crop_padding, flip):
   step = 3
   key = input_pipeline.epoch_key(0, 0)
   indices = input_pipeline.shuffled_batch_indices(key, 4000, 128)
-  batch = input_pipeline.train_batch(train_split, indices, key, step, crop_padding=4, flip=True)
-  images = jnp.asarray(train_split['image'])[indices[step]]
-  expected = input_pipeline.augment(images, jax.random.fold_in(key, step), crop_padding=4, flip=True)
-  np.testing.assert_array_equal(batch['image'], expected)
+  batch = input_pipeline.train_batch(train_split, indices, key, step, crop_padding=crop_padding, flip=flip)
+  images = train_split['image'][indices[step]]
   np.testing.assert_array_equal(batch['label'], train_split['label'][indices[step]])
-  assert not np.array_equal(batch['image'], train_split['image'][indices[step]])
+  if not (crop_padding or flip):
+    np.testing.assert_array_equal(batch['image'], images)
+    return
+  expected = input_pipeline.augment(jnp.asarray(images), jax.random.fold_in(key, step), crop_padding, flip)
+  np.testing.assert_array_equal(batch['image'], expected)
+  assert not np.array_equal(batch['image'], images)
 
 
 @pytest.mark.parametrize('n', [1000, 999, 50])
