@@ -107,10 +107,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
   if not is_learning_rate(config.learning_rate):
     fail('learning_rate', 'it must be a finite float32 number > 0')
+
+  def is_number(value):  # bool is an int, but not a setting's number.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
   for name in ('weight_decay', 'grad_clip_norm', 'warmup_epochs'):
-    if not config[name] >= 0:
+    if not (is_number(config[name]) and config[name] >= 0):
       fail(name, 'it must be a number >= 0')
-  if not 0 <= config.momentum < 1:
+  if not (is_number(config.momentum) and 0 <= config.momentum < 1):
     fail('momentum', 'it must be in [0, 1)')
   if config.schedule == 'warmup_cosine' and not 0 < config.warmup_epochs < config.num_epochs:
     fail('warmup_epochs', f'warmup_cosine needs more than 0 and less than num_epochs={config.num_epochs}')

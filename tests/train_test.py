@@ -246,6 +246,8 @@ def test_nan_loss_stops_the_run_before_its_parameters_are_evaluated(tmp_path):
     ({'num_models': 2, 'learning_rates': (float('inf'), 0.1)}, r'config\.learning_rates=\(inf, 0\.1\) .* finite'),
     ({'momentum': 1.0}, r'config\.momentum=1\.0 .* \[0, 1\)'),
     ({'weight_decay': -0.1}, r'config\.weight_decay=-0\.1 .* >= 0'),
+    ({'grad_clip_norm': None}, r'config\.grad_clip_norm=None .* a number >= 0'),  # A ConfigDict takes None anywhere.
+    ({'momentum': None}, r'config\.momentum=None .* \[0, 1\)'),
     ({'schedule': 'warmup_cosine', 'warmup_epochs': 2.0}, r'config\.warmup_epochs=2\.0 .* less than num_epochs=2'),
     ({'schedule': 'warmup_cosine'}, r'config\.warmup_epochs=0\.0 .* more than 0'),  # Else it is cosine.
     ({'warmup_epochs': 1.0}, r"config\.warmup_epochs=1\.0 .* only schedule='warmup_cosine' warms up, not 'cosine'"),
