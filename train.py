@@ -38,6 +38,11 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or Inf."""
 
 
+def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """The steps warmup_cosine spends warming up: config.warmup_epochs of them, rounded down."""
+  return int(config.warmup_epochs * steps_per_epoch)
+
+
 def create_learning_rate_schedule(
   config: ml_collections.ConfigDict, steps_per_epoch: int, peak_learning_rate=None
 ) -> optax.Schedule:
@@ -52,7 +57,7 @@ def create_learning_rate_schedule(
   elif config.schedule == 'cosine':
     unit = optax.cosine_decay_schedule(1.0, total_steps)
   else:
-    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, int(config.warmup_epochs * steps_per_epoch), total_steps)
+    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps(config, steps_per_epoch), total_steps)
   return lambda step: peak * unit(step)
 
 
@@ -372,7 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   total_steps = config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps or steps_per_epoch
   checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
-  if config.schedule == 'warmup_cosine' and int(config.warmup_epochs * steps_per_epoch) < 1:
+  if config.schedule == 'warmup_cosine' and warmup_steps(config, steps_per_epoch) < 1:
     raise ValueError(
       f'config.warmup_epochs={config.warmup_epochs} is less than one of the {steps_per_epoch} steps of an epoch, '
       f'so there would be no warmup; use at least {1 / steps_per_epoch:.3g}.'
@@ -392,8 +397,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   sweep = config.num_models > 1
   state = jax.device_put(create_initial_state(config, steps_per_epoch), replicated)
   manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
-  if manager.latest_step() is not None:  # Checked before a corrupt checkpoint could be set aside.
-    _check_resumable(config, workdir, manager.latest_step())
+  latest_step = manager.latest_step()
+  if latest_step is not None:  # Checked before a corrupt checkpoint could be set aside.
+    _check_resumable(config, workdir, latest_step)
   # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
   restored = workdir_lib.restore_checkpoint(manager, _abstract(state, replicated), workdir, set_aside_corrupt=True)
   if restored is not None:

@@ -80,9 +80,10 @@ def test_every_setting_can_be_set_from_the_command_line(path):
   would refuse a fraction, hence a fraction for each of them.
   """
   for name, value in flat_items(load(os.path.basename(path)[:-3])):
-    new_value = changed(value) if value is not None else '/data/tfds'  # data_dir, None until set.
     if name in REAL_VALUED:
       new_value = value + 0.5
+    else:
+      new_value = changed(value) if value is not None else '/data/tfds'  # data_dir, None until set.
     argv = ['train.py', f'--config={path}', f'--config.{name}={new_value}']
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
