@@ -79,7 +79,7 @@ def fit(config: ml_collections.ConfigDict, state, data: dict):
   Returns (state, batch loss per step [S, K]), where K = 1 for a single model.
   """
   mesh = train.device_mesh()
-  state, data = jax.device_put((state, data), NamedSharding(mesh, PartitionSpec()))
+  state, data = train.replicate((state, data), mesh)
   functions = train.training_functions(config, len(data['label']), NamedSharding(mesh, PartitionSpec('batch')))
   train_epoch = train.jit(functions.train_epoch, donate_argnums=0)
   metrics = []

@@ -292,6 +292,22 @@ def device_mesh() -> jax.sharding.Mesh:
   return jax.make_mesh((jax.device_count(),), ('batch',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def replicate(tree, mesh: jax.sharding.Mesh):
+  """`tree`'s arrays placed whole on every device of `mesh`, each host's devices taking that host's own copy.
+
+  Every host holds the same copy (the splits and initial state are functions of the config). `jax.device_put` onto
+  devices of several hosts would check that by gathering every host's copy to each host: P copies of the training
+  split per host, just to start.
+  """
+  sharding = NamedSharding(mesh, PartitionSpec())
+
+  def place(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(place, tree)
+
+
 def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, int] | None:
   """(params, step) of the latest checkpoint in `workdir` for `config`'s model, or None if there is none.
 
@@ -366,11 +382,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   check_config(config)
   eval_split = 'validation' if config.validation_size else 'test'
   mesh = device_mesh()
-  replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
   # On the devices once: every epoch and every evaluation gathers its batches there.
-  train_data = jax.device_put(input_pipeline.load_split(config, 'train'), replicated)
-  eval_data = jax.device_put(input_pipeline.load_split(config, eval_split), replicated)
+  train_data = replicate(input_pipeline.load_split(config, 'train'), mesh)
+  eval_data = replicate(input_pipeline.load_split(config, eval_split), mesh)
   num_train = len(train_data['label'])
   input_pipeline.check_batch_size(config.batch_size, num_train)
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
@@ -395,13 +410,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   logging.info('Model (per example):\n%s', model.summary(config))
 
   sweep = config.num_models > 1
-  state = jax.device_put(create_initial_state(config, steps_per_epoch), replicated)
+  state = replicate(create_initial_state(config, steps_per_epoch), mesh)
   manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
   latest_step = manager.latest_step()
   if latest_step is not None:  # Checked before a corrupt checkpoint could be set aside.
     _check_resumable(config, workdir, latest_step)
   # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
-  restored = workdir_lib.restore_checkpoint(manager, _abstract(state, replicated), workdir, set_aside_corrupt=True)
+  abstract_state = _abstract(state, NamedSharding(mesh, PartitionSpec()))
+  restored = workdir_lib.restore_checkpoint(manager, abstract_state, workdir, set_aside_corrupt=True)
   if restored is not None:
     # The peak learning rate is a hyperparameter in the optimiser state: the config's replaces the checkpoint's,
     # so that a resumed run can lower it (config_step<N>.json records the change).
@@ -558,8 +574,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   workdir_lib.quiet_orbax_logging()
   tune_cpu_runtime()
+  launch = {name: flags.FLAGS[name].value for name in ('coordinator_address', 'num_processes', 'process_id')}
   if flags.FLAGS.multihost:
-    jax.distributed.initialize()  # Finds the coordinator from JAX_COORDINATOR_ADDRESS etc., a TPU pod or SLURM.
+    jax.distributed.initialize(**launch)  # Settings left unset are found on a Cloud TPU pod, in SLURM or Open MPI.
+  elif any(value is not None for value in launch.values()):
+    raise app.UsageError(f'--{"/--".join(launch)} join the processes of a --multihost run; add --multihost.')
   train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
@@ -568,5 +587,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the saved config.')
   config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/default.py.', lock_config=True)
   flags.DEFINE_bool('multihost', False, 'Run one process per host, joined by jax.distributed.initialize().')
+  flags.DEFINE_string('coordinator_address', None, 'With --multihost: host:port of process 0, the same on every host.')
+  flags.DEFINE_integer('num_processes', None, 'With --multihost: how many processes the run has.', lower_bound=1)
+  flags.DEFINE_integer('process_id', None, 'With --multihost: this process, 0 to num_processes - 1.', lower_bound=0)
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -31,16 +31,15 @@ def training_epoch(
   )  # fmt: skip
   rng = np.random.default_rng(0)
   mesh = train.device_mesh()
-  replicated = NamedSharding(mesh, PartitionSpec())
-  data = jax.device_put(
+  data = train.replicate(
     {
       'image': rng.normal(size=(steps * batch_size, 32, 32, channels)).astype(np.float32),
       'label': rng.integers(0, 10, steps * batch_size).astype(np.int32),
     },
-    replicated,
+    mesh,
   )
   functions = train.training_functions(config, steps * batch_size, NamedSharding(mesh, PartitionSpec('batch')))
-  state = jax.device_put(train.create_initial_state(config, steps), replicated)
+  state = train.replicate(train.create_initial_state(config, steps), mesh)
   keys, indices = jax.jit(functions.epoch_order)(0)
   start = time.perf_counter()
   if mode == 'epoch':
