@@ -1,9 +1,9 @@
 """Input pipeline: each split is loaded into memory once, and batch order is a pure function of (seed, epoch).
 
 `load_split` returns a whole split as normalised float32 arrays. `train_batch` gathers batch `step` of an epoch
-from it on the device, in the order `shuffled_batch_indices(epoch_key(seed, epoch), N, B)`, so a resumed run
-continues mid-epoch exactly and a whole epoch can run inside one jitted loop; `eval_batches` covers a split exactly
-once.
+from it on the device, in the order `shuffled_batch_indices(shuffle_key, N, B)` and augmented with `augment_key`,
+the two keys of `epoch_keys(seed, epoch)`, so a resumed run continues mid-epoch exactly and a whole epoch can run
+inside one jitted loop; `eval_batches` covers a split exactly once.
 
 Datasets: 'embedded_mnist' (the default: 5,000 real MNIST digits shipped in data/, see data/README.md) and the tfds
 datasets 'mnist', 'fashion_mnist' and 'cifar10', read through tfds' random-access data source. tfds is imported only
@@ -121,9 +121,10 @@ def _read_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
   return np.stack([ex['image'] for ex in examples]), np.array([ex['label'] for ex in examples], np.int32)
 
 
-def epoch_key(seed: int, epoch) -> jax.Array:
-  """The key that orders (and augments) epoch `epoch`; `epoch` may be traced."""
-  return jax.random.fold_in(jax.random.key(seed), epoch)
+def epoch_keys(seed: int, epoch) -> tuple[jax.Array, jax.Array]:
+  """(shuffle key, augmentation key) of epoch `epoch`, two independent keys; `epoch` may be traced."""
+  shuffle_key, augment_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), epoch))
+  return shuffle_key, augment_key
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -177,16 +178,17 @@ def augment(images: jax.Array, key: jax.Array, crop_padding: int, flip: bool) ->
 
 
 def train_batch(
-  data: dict, indices: jax.Array, key: jax.Array, step, crop_padding: int = 0, flip: bool = False
+  data: dict, indices: jax.Array, augment_key: jax.Array, step, crop_padding: int = 0, flip: bool = False
 ) -> dict[str, jax.Array]:
-  """Batch `step` of an epoch ordered by `indices` [S, B] and keyed by `key`: {'image': [B, ...], 'label': [B]}.
+  """Batch `step` of an epoch ordered by `indices` [S, B]: {'image': [B, ...], 'label': [B]}.
 
-  Augmented (see `augment`) with fold_in(key, step) when crop_padding > 0 or flip. Pure and jittable (`step` may
-  be traced): the one definition of a training batch, used per step and inside a whole-epoch `lax.scan` alike.
+  Augmented (see `augment`) with fold_in(augment_key, step) when crop_padding > 0 or flip. Pure and jittable
+  (`step` may be traced): the one definition of a training batch, used per step and inside a whole-epoch
+  `lax.scan` alike.
   """
   batch = {'image': data['image'][indices[step]], 'label': data['label'][indices[step]]}
   if crop_padding or flip:
-    batch['image'] = augment(batch['image'], jax.random.fold_in(key, step), crop_padding, flip)
+    batch['image'] = augment(batch['image'], jax.random.fold_in(augment_key, step), crop_padding, flip)
   return batch
 
 

@@ -222,26 +222,26 @@ def train_step_on_data(
   state: train_state.TrainState,
   data: dict,
   indices: jax.Array,
-  key: jax.Array,
+  augment_key: jax.Array,
   step,
   *,
   crop_padding: int,
   flip: bool,
   batch_sharding: NamedSharding,
 ) -> tuple[train_state.TrainState, dict]:
-  """`train_step` on batch `step` of the epoch ordered by `indices` [S, B] and keyed by `key`.
+  """`train_step` on batch `step` of the epoch ordered by `indices` [S, B] and augmented with `augment_key`.
 
   The batch is gathered from `data` on the device and split over the devices' batch axis; step-by-step and
   whole-epoch training both run exactly this.
   """
-  batch = input_pipeline.train_batch(data, indices, key, step, crop_padding, flip)
+  batch = input_pipeline.train_batch(data, indices, augment_key, step, crop_padding, flip)
   return train_step(state, jax.lax.with_sharding_constraint(batch, batch_sharding))
 
 
 class TrainingFunctions(NamedTuple):
   """The pure functions of a training run; the caller jits them (the state donated)."""
 
-  epoch_order: Callable  # epoch -> (keys, indices [S, B]), with a leading [K] for a sweep.
+  epoch_order: Callable  # epoch -> (augmentation keys, indices [S, B]), with a leading [K] for a sweep.
   train_step: Callable  # (state, data, indices, keys, step) -> (state, metrics): one step on batch `step`.
   train_epoch: Callable  # (state, data, epoch) -> (state, metrics [S], or [S, K] for a sweep): one lax.scan.
 
@@ -255,8 +255,8 @@ def training_functions(
 
   def epoch_order(epoch):
     def order(seed):
-      key = input_pipeline.epoch_key(seed, epoch)
-      return key, input_pipeline.shuffled_batch_indices(key, num_examples, config.batch_size)
+      shuffle_key, augment_key = input_pipeline.epoch_keys(seed, epoch)
+      return augment_key, input_pipeline.shuffled_batch_indices(shuffle_key, num_examples, config.batch_size)
 
     return jax.vmap(order)(seeds) if sweep else order(seeds)
 

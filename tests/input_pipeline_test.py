@@ -132,9 +132,9 @@ def test_missing_tfds_data_fails_fast_with_instructions(in_config, tmp_path, mon
 
 def _epoch(data, seed=0, epoch=0):
   """Every unaugmented batch of an epoch at B=128, as train.py gathers them."""
-  key = input_pipeline.epoch_key(seed, epoch)
-  indices = input_pipeline.shuffled_batch_indices(key, len(data['label']), 128)
-  return [jax.device_get(input_pipeline.train_batch(data, indices, key, step)) for step in range(len(indices))]
+  shuffle_key, augment_key = input_pipeline.epoch_keys(seed, epoch)
+  indices = input_pipeline.shuffled_batch_indices(shuffle_key, len(data['label']), 128)
+  return [jax.device_get(input_pipeline.train_batch(data, indices, augment_key, step)) for step in range(len(indices))]
 
 
 def test_batch_order_is_a_pure_function_of_seed_and_epoch(train_split):
@@ -145,28 +145,39 @@ def test_batch_order_is_a_pure_function_of_seed_and_epoch(train_split):
     np.testing.assert_array_equal(a['image'], b['image'])
   assert not np.array_equal(first[0]['label'], other_seed[0]['label'])
   assert not np.array_equal(first[0]['label'], next_epoch[0]['label'])
-  indices = np.asarray(input_pipeline.shuffled_batch_indices(input_pipeline.epoch_key(0, 0), 4000, 128))
+  shuffle_key, _ = input_pipeline.epoch_keys(0, 0)
+  indices = np.asarray(input_pipeline.shuffled_batch_indices(shuffle_key, 4000, 128))
   assert indices.dtype == np.int32 and indices.shape == (31, 128) and len(np.unique(indices)) == 31 * 128
   np.testing.assert_array_equal(np.concatenate([b['label'] for b in first]), train_split['label'][indices.reshape(-1)])
   np.testing.assert_array_equal(first[-1]['image'], train_split['image'][indices[-1]])
   # The epoch may be traced, for an epoch run inside jit.
-  traced = jax.jit(lambda e: input_pipeline.shuffled_batch_indices(input_pipeline.epoch_key(0, e), 4000, 128))(0)
+  traced = jax.jit(lambda e: input_pipeline.shuffled_batch_indices(input_pipeline.epoch_keys(0, e)[0], 4000, 128))(0)
   np.testing.assert_array_equal(traced, indices)
+
+
+def test_shuffle_and_augmentation_keys_are_split_from_the_epoch_key():
+  # A key is used once: the shuffle does not also seed the augmentations (step 0's flips drew from the
+  # permutation's second round when both came from one key).
+  for seed, epoch in [(0, 0), (0, 1), (3, 0)]:
+    epoch_key = jax.random.fold_in(jax.random.key(seed), epoch)
+    expected = jax.random.split(epoch_key)
+    keys = input_pipeline.epoch_keys(seed, epoch)
+    np.testing.assert_array_equal(jax.random.key_data(jnp.stack(keys)), jax.random.key_data(expected))
 
 
 # (0, False) is no augmentation, (1, False) the digits' default, (4, True) cifar10's.
 @pytest.mark.parametrize('crop_padding, flip', [(0, False), (1, False), (0, True), (4, True)])
 def test_augmented_batches_follow_the_documented_keys(train_split, crop_padding, flip):
   step = 3
-  key = input_pipeline.epoch_key(0, 0)
-  indices = input_pipeline.shuffled_batch_indices(key, 4000, 128)
-  batch = input_pipeline.train_batch(train_split, indices, key, step, crop_padding=crop_padding, flip=flip)
+  shuffle_key, augment_key = input_pipeline.epoch_keys(0, 0)
+  indices = input_pipeline.shuffled_batch_indices(shuffle_key, 4000, 128)
+  batch = input_pipeline.train_batch(train_split, indices, augment_key, step, crop_padding=crop_padding, flip=flip)
   images = train_split['image'][indices[step]]
   np.testing.assert_array_equal(batch['label'], train_split['label'][indices[step]])
   if not (crop_padding or flip):
     np.testing.assert_array_equal(batch['image'], images)
     return
-  expected = input_pipeline.augment(jnp.asarray(images), jax.random.fold_in(key, step), crop_padding, flip)
+  expected = input_pipeline.augment(jnp.asarray(images), jax.random.fold_in(augment_key, step), crop_padding, flip)
   np.testing.assert_array_equal(batch['image'], expected)
   assert not np.array_equal(batch['image'], images)
 
