@@ -26,19 +26,16 @@ import time
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import ml_collections
 import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
+from matplotlib.figure import Figure
 
 import input_pipeline
 import model
 import train
 from configs import default
-
-matplotlib.use('Agg')  # Files only; there is no display.
-from matplotlib import pyplot as plt  # noqa: E402 -- must follow the backend choice.
 
 EXPERIMENTS = ('flatten', 'channels', 'invariance')
 ORDERS = ('hwc', 'chw', 'random')
@@ -127,7 +124,6 @@ def _plot_runs(ax, runs: dict) -> None:
 def _save(fig, path: str) -> str:
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
@@ -188,7 +184,8 @@ def _flatten_table(results: dict, num_epochs: int, num_train: int, num_test: int
 
 def _plot_flatten(results: dict, num_epochs: int, path: str) -> str:
   curves, accuracies = results['loss_curves'], results['test_accuracy']
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={'width_ratios': (2.2, 1)})
+  fig = Figure(figsize=(12, 4.5))
+  ax_loss, ax_acc = fig.subplots(1, 2, width_ratios=(2.2, 1))
   styles = ({'lw': 5, 'alpha': 0.35, 'color': 'k'}, {'lw': 2, 'ls': '--'}, {'lw': 1, 'ls': ':'})
   for order, style in zip(ORDERS, styles, strict=True):
     ax_loss.plot(np.arange(1, len(curves[order]) + 1), curves[order], label=order, **style)
@@ -309,7 +306,7 @@ def _channels_table(results: dict, num_epochs: int, num_compared: int) -> str:
 
 def _plot_channels(results: dict, num_epochs: int, logits: dict, examples: tuple, path: str) -> str:
   """`logits`: {input name: (real [N, K], misread [N, K])}; `examples`: (RGB images [8, H, W, 3], labels [8])."""
-  fig = plt.figure(figsize=(13, 4.8))
+  fig = Figure(figsize=(13, 4.8))
   grid = fig.add_gridspec(2, 8, width_ratios=(1, 1, 1, 1, 0.3, 4, 0.3, 4))
   for i, (image, label) in enumerate(zip(*examples, strict=True)):
     ax = fig.add_subplot(grid[i // 4, i % 4])
@@ -442,7 +439,8 @@ def _invariance_table(results: dict, num_epochs: int, num_images: int) -> str:
 def _plot_invariance(results: dict, num_epochs: int, path: str) -> str:
   shifts = results['shifts']
   other_x = shifts[-1] + 1.2
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+  fig = Figure(figsize=(12, 4.8))
+  axes = fig.subplots(1, 2, sharey=True)
   for ax, name in zip(axes, ('trained', 'untrained'), strict=True):
     for i, layer in enumerate(INVARIANCE_LAYERS):
       color = 'k' if layer == 'input' else f'C{i}'

@@ -327,18 +327,19 @@ def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, 
 # What a resumed run must share with the run that made its checkpoint: the examples that make batch N, and the
 # function its parameters compute (a model of other settings with the same parameter shapes would load silently).
 RESUME_SETTINGS = ('dataset', 'validation_size', 'batch_size', 'seed', 'model')
+# What the schedule's shape depends on: a resumed run may change them (to run longer, say), with a warning.
+SCHEDULE_SETTINGS = ('schedule', 'num_epochs', 'warmup_epochs')
 
 
-def _check_resumable(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+def _check_resumable(
+  config: ml_collections.ConfigDict, previous: ml_collections.ConfigDict, workdir: str, step: int
+) -> None:
   """Raises ValueError if resuming at `step` would change the batches or the model (RESUME_SETTINGS).
 
   A checkpoint counts steps, so a run resumed with another batch size, split or seed would repeat or skip data and
   end at another epoch; another config.model setting of the same parameter shapes would load the parameters into
-  another function. They are compared with the config the latest run saved, which made the checkpoint.
+  another function. They are compared with `previous`, the config the latest run saved, which made the checkpoint.
   """
-  previous = workdir_lib.load_config(workdir)
-  if previous is None:
-    return
   changed = []  # (name, value, that run's value), with config.model compared field by field.
   for name in RESUME_SETTINGS:
     if name not in previous:
@@ -355,6 +356,27 @@ def _check_resumable(config: ml_collections.ConfigDict, workdir: str, step: int)
       + ', '.join(f'config.{setting}={value!r} (that run: {before!r})' for setting, value, before in changed)
       + '. Set them back to resume, or use a new --workdir; nothing was changed.'
     )
+
+
+def _warn_if_the_schedule_moves(
+  config: ml_collections.ConfigDict, previous: ml_collections.ConfigDict, steps_per_epoch: int, step: int
+) -> None:
+  """Logs a warning if `config`'s schedule is at another fraction of its peak at `step` than `previous`'s was.
+
+  A cosine schedule spans config.num_epochs, so resuming a finished run with more epochs takes its learning rate
+  from about 0 back up: allowed, since that is how a run is extended, but said. A new peak alone moves nothing.
+  """
+  if any(name not in previous for name in SCHEDULE_SETTINGS):
+    return
+  now, before = (float(create_learning_rate_schedule(c, steps_per_epoch, 1.0)(step)) for c in (config, previous))
+  changed = [name for name in SCHEDULE_SETTINGS if config[name] != previous[name]]
+  if changed and abs(now - before) > 1e-3:
+    logging.warning(
+      'Resuming at step %d with %s moves the learning-rate schedule: at this step it is %.1f%% of the peak, where '
+      'that run had %.1f%%.',
+      step, ', '.join(f'config.{name}={config[name]!r} (that run: {previous[name]!r})' for name in changed),
+      100 * now, 100 * before,
+    )  # fmt: skip
 
 
 def _check_finite(pending: list[tuple[int, dict]], learning_rates: np.ndarray) -> None:
@@ -413,8 +435,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   state = replicate(create_initial_state(config, steps_per_epoch), mesh)
   manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
   latest_step = manager.latest_step()
-  if latest_step is not None:  # Checked before a corrupt checkpoint could be set aside.
-    _check_resumable(config, workdir, latest_step)
+  previous = None if latest_step is None else workdir_lib.load_config(workdir)
+  if previous is not None:  # Checked before a corrupt checkpoint could be set aside.
+    _check_resumable(config, previous, workdir, latest_step)
   # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
   abstract_state = _abstract(state, NamedSharding(mesh, PartitionSpec()))
   restored = workdir_lib.restore_checkpoint(manager, abstract_state, workdir, set_aside_corrupt=True)
@@ -424,6 +447,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     state = restored.replace(opt_state=restored.opt_state._replace(hyperparams=state.opt_state.hyperparams))
     logging.info('Resumed from the checkpoint at step %d.', int(np.max(state.step)))
   start_step = int(np.max(state.step))
+  if restored is not None and previous is not None:
+    _warn_if_the_schedule_moves(config, previous, steps_per_epoch, start_step)
   workdir_lib.save_config(config, workdir, start_step)
   learning_rates = np.asarray(jax.device_get(state.opt_state.hyperparams['learning_rate'])).reshape(-1)
 

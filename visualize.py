@@ -14,19 +14,16 @@ import os
 import textwrap
 
 import jax
-import matplotlib
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from matplotlib.figure import Figure
 
 import input_pipeline
 import model
 import train
 import workdir as workdir_lib
 from configs import default
-
-matplotlib.use('Agg')  # Files only; there is no display.
-from matplotlib import pyplot as plt  # noqa: E402 -- must follow the backend choice.
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -81,7 +78,6 @@ def _save(fig, title: str, source: str, path: str) -> str:
   width = int(fig.get_figwidth() * 13)  # Characters of an 11-point title per inch at 100 dpi, so none is cut off.
   fig.suptitle('\n'.join([*textwrap.wrap(title, width), source]), fontsize=11)
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   logging.info('Wrote %s', path)
   return path
 
@@ -90,7 +86,8 @@ def _draw_maps(maps: np.ndarray, label: str = 'channel', cmap: str = 'viridis'):
   """[H, W, C] -> a figure of C panels on one colour scale, titled `label` 0, 1, ..."""
   channels = maps.shape[-1]
   figsize = (max(2.3 * channels + 1, 5), 3.2)
-  fig, axes = plt.subplots(1, channels, figsize=figsize, squeeze=False, layout='constrained')
+  fig = Figure(figsize=figsize, layout='constrained')
+  axes = fig.subplots(1, channels, squeeze=False)
   low, high = float(maps.min()), float(maps.max())
   for c, ax in enumerate(axes[0]):
     shown = ax.imshow(maps[..., c], cmap=cmap, vmin=low, vmax=high)
@@ -103,7 +100,8 @@ def _draw_input(image: np.ndarray):
   """[H, W, C]: grey for one channel, colour for three (each rescaled to [0, 1] for display)."""
   if image.shape[-1] != 3:
     return _draw_maps(image, cmap='gray')
-  fig, ax = plt.subplots(figsize=(5, 4), layout='constrained')
+  fig = Figure(figsize=(5, 4), layout='constrained')
+  ax = fig.subplots()
   ax.imshow((image - image.min()) / max(float(image.max() - image.min()), 1e-12))
   ax.set(xticks=[], yticks=[])
   return fig
@@ -112,9 +110,8 @@ def _draw_input(image: np.ndarray):
 def _draw_filters(kernel: np.ndarray):
   """[kh, kw, C_in, C_out] -> a C_out x C_in grid: one row per filter, one kh x kw slice per input channel."""
   _, _, c_in, c_out = kernel.shape
-  fig, axes = plt.subplots(
-    c_out, c_in, figsize=(max(1.5 * c_in + 2.5, 5), 1.3 * c_out + 1.2), squeeze=False, layout='constrained'
-  )
+  fig = Figure(figsize=(max(1.5 * c_in + 2.5, 5), 1.3 * c_out + 1.2), layout='constrained')
+  axes = fig.subplots(c_out, c_in, squeeze=False)
   limit = float(np.abs(kernel).max())  # Symmetric, so white is 0 and red/blue are the signs.
   for f in range(c_out):
     for c in range(c_in):
@@ -131,7 +128,8 @@ def _draw_flatten(vector: np.ndarray, volume_shape: tuple, perm: np.ndarray):
   """[D] -> bars coloured by the channel of the [h, w, c] volume each value comes from (`perm`: its hwc index)."""
   _, w, c = volume_shape
   source_channel = perm % c
-  fig, ax = plt.subplots(figsize=(13, 3.4), layout='constrained')
+  fig = Figure(figsize=(13, 3.4), layout='constrained')
+  ax = fig.subplots()
   for channel in range(c):
     where = np.flatnonzero(source_channel == channel)
     ax.bar(where, vector[where], width=1.0, color=f'C{channel}', label=f'channel {channel}')
@@ -149,7 +147,8 @@ def _draw_flatten(vector: np.ndarray, volume_shape: tuple, perm: np.ndarray):
 
 
 def _draw_bars(values: np.ndarray, xlabel: str, highlight: int | None = None):
-  fig, ax = plt.subplots(figsize=(10 if len(values) > 20 else 6, 3.4), layout='constrained')
+  fig = Figure(figsize=(10 if len(values) > 20 else 6, 3.4), layout='constrained')
+  ax = fig.subplots()
   colors = ['C1' if i == highlight else 'C0' for i in range(len(values))]
   ax.bar(np.arange(len(values)), values, color=colors)
   ax.set(xlabel=xlabel, xlim=(-1, len(values)))
@@ -159,7 +158,8 @@ def _draw_bars(values: np.ndarray, xlabel: str, highlight: int | None = None):
 
 
 def _draw_learning_curves(metrics: dict[str, dict[int, dict]]):
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), layout='constrained')
+  fig = Figure(figsize=(11, 3.8), layout='constrained')
+  axes = fig.subplots(1, 2)
   for split, rows in sorted(metrics.items()):
     steps = sorted(rows)
     for ax, name in zip(axes, ('loss', 'accuracy'), strict=True):

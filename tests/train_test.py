@@ -111,11 +111,12 @@ def test_checkpoints_and_config_are_saved(short_run):
   assert_trees_bitwise_equal(params, state.params)
 
 
-def test_finished_run_is_not_retrained(short_run):
+def test_finished_run_is_not_retrained(short_run, caplog):
   workdir, state, metrics = short_run
   before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
   rows = read_metrics(workdir)
   again, again_metrics = train.train_and_evaluate(short_config(), workdir)
+  assert 'learning-rate schedule' not in caplog.text
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
   after = read_metrics(workdir)
   assert after[: len(rows)] == rows and all(r['split'] != 'train' for r in after[len(rows) :])  # No step retrained.
@@ -180,10 +181,15 @@ def test_resuming_with_other_batches_is_refused_before_a_corrupt_checkpoint_is_s
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['124', '62', '93']
 
 
-def test_resumed_run_takes_the_learning_rate_of_its_config(short_run, tmp_path):
+def test_resumed_run_takes_the_learning_rate_of_its_config(short_run, tmp_path, caplog):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
   state, _ = train.train_and_evaluate(short_config(num_epochs=3, learning_rate=1e-4), workdir)
   assert state.step == 186
+  # The cosine schedule now ends at step 186, so at step 124 it is back at (1 + cos(2pi/3)) / 2 of its peak.
+  assert (
+    'Resuming at step 124 with config.num_epochs=3 (that run: 2) moves the learning-rate schedule: at this step it '
+    'is 25.0% of the peak, where that run had 0.0%.'
+  ) in caplog.text
   assert state.opt_state.hyperparams['learning_rate'] == np.float32(1e-4)
   with open(os.path.join(workdir, 'config_step124.json')) as f:
     assert json.load(f)['learning_rate'] == 1e-4

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import matplotlib.image
@@ -129,3 +131,15 @@ def test_a_sweeps_fresh_init_is_model_k_with_seed_plus_k(tmp_path):
 def test_invalid_index_names_the_range(tmp_path):
   with pytest.raises(ValueError, match=r'index=1000 .* examples 0 to 999'):
     visualize.write_pictures(str(tmp_path), index=1000)
+
+
+def test_importing_the_drawing_tools_leaves_matplotlib_alone():
+  # They draw on matplotlib Figures, which need no backend: a notebook that imports them keeps its own.
+  script = (
+    'import matplotlib, sys, explain, visualize; print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)'
+  )
+  environment = {**os.environ, 'MPLBACKEND': 'svg'}
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, '-c', script], cwd=repo, env=environment, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ['svg', 'False']
