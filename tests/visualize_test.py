@@ -128,6 +128,22 @@ def test_a_sweeps_fresh_init_is_model_k_with_seed_plus_k(tmp_path):
     visualize.load_params(config, str(tmp_path), model_index=2)
 
 
+def test_a_sweeps_model_k_is_slice_k_of_its_checkpoint(tmp_path):
+  config = default.get_config()
+  config.num_models = 3
+  state = train.create_initial_state(config, steps_per_epoch=1)
+  # Model k's parameters + 10 + k: unlike any fresh init, and unlike each other's.
+  offsets = np.arange(3, dtype=np.float32) + 10
+  params = jax.tree.map(lambda p: p + offsets.reshape(3, *[1] * (p.ndim - 1)), state.params)
+  workdir_lib.save_config(config, str(tmp_path), 0)
+  with workdir_lib.checkpoint_manager(str(tmp_path), max_to_keep=1) as manager:
+    workdir_lib.save_checkpoint(manager, 0, state.replace(params=params))
+  for k in range(3):
+    drawn, source = visualize.load_params(visualize.load_config(str(tmp_path)), str(tmp_path), model_index=k)
+    assert source == f'checkpoint at step 0, model {k} of 3'
+    jax.tree.map(lambda a, b, k=k: np.testing.assert_array_equal(a, b[k]), drawn, params)
+
+
 def test_invalid_index_names_the_range(tmp_path):
   with pytest.raises(ValueError, match=r'index=1000 .* examples 0 to 999'):
     visualize.write_pictures(str(tmp_path), index=1000)
