@@ -577,6 +577,16 @@ def test_two_processes_train_like_one(short_run, tmp_path):
   np.testing.assert_allclose([r['loss'] for r in rows], [r['loss'] for r in expected], rtol=1e-4)
 
 
+def test_process_flags_without_multihost_are_refused(tmp_path):
+  result = subprocess.run(
+    [sys.executable, 'train.py', '--config=configs/default.py', f'--workdir={tmp_path / "run"}', '--num_processes=2'],
+    cwd=REPO, capture_output=True, text=True,
+  )  # fmt: skip
+  assert result.returncode != 0
+  assert '--coordinator_address/--num_processes/--process_id join the processes of a --multihost run' in result.stderr
+  assert not (tmp_path / 'run').exists()
+
+
 CPU_STEP_FAULTS_SCRIPT = """
 import resource
 import jax
