@@ -71,7 +71,7 @@ def initial_state(config: ml_collections.ConfigDict, num_examples: int):
 
 
 def fit(config: ml_collections.ConfigDict, state, data: dict):
-  """Trains `state` (donated) for config.num_epochs on `data` {'image', 'label'} with train.py's whole-epoch function.
+  """Trains a copy of `state` for config.num_epochs on `data` {'image', 'label'} with train.py's whole-epoch function.
 
   Returns (state, batch loss per step [S, K]), where K = 1 for a single model.
   """
@@ -371,7 +371,7 @@ def invariance(out_dir: str, num_epochs: int = 3, max_shift: int = 4, num_images
   train_data, test_data = load_data(config)
   cnn = model.create_model(config)
   state = initial_state(config, len(train_data['label']))
-  fresh = jax.tree.map(jnp.copy, state.params)  # fit donates the state's buffers.
+  fresh = state.params  # fit trains a copy.
   state, _ = fit(config, state, train_data)
   trained, (test_accuracy,) = state.params, accuracy(config, state, test_data)
   images = test_data['image'][:num_images]

@@ -12,6 +12,7 @@ import functools
 import os
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -22,6 +23,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
@@ -295,17 +297,19 @@ def device_mesh() -> jax.sharding.Mesh:
 def replicate(tree, mesh: jax.sharding.Mesh):
   """`tree`'s arrays placed whole on every device of `mesh`, each host's devices taking that host's own copy.
 
-  Every host holds the same copy (the splits and initial state are functions of the config). `jax.device_put` onto
-  devices of several hosts would check that by gathering every host's copy to each host: P copies of the training
-  split per host, just to start.
+  The hosts must hold the same copies (the splits and initial state are functions of the config, given the same
+  data and software on each). `jax.device_put` onto devices of several hosts would check that by gathering every
+  host's copy to each host, P copies of the training split per host; here the hosts compare a checksum per array.
   """
+  arrays = jax.tree.map(np.asarray, tree)
+  if jax.process_count() > 1:
+    checksums = np.array([zlib.crc32(x.tobytes()) for x in jax.tree.leaves(arrays)], np.uint32)
+    multihost_utils.assert_equal(
+      checksums, 'The hosts hold different data or initial parameters; give every host the same dataset files, '
+      'jax version and config'
+    )  # fmt: skip
   sharding = NamedSharding(mesh, PartitionSpec())
-
-  def place(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-  return jax.tree.map(place, tree)
+  return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), arrays)
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, int] | None:
@@ -359,14 +363,15 @@ def _check_resumable(
 
 
 def _warn_if_the_schedule_moves(
-  config: ml_collections.ConfigDict, previous: ml_collections.ConfigDict, steps_per_epoch: int, step: int
+  config: ml_collections.ConfigDict, previous: ml_collections.ConfigDict | None, steps_per_epoch: int, step: int
 ) -> None:
   """Logs a warning if `config`'s schedule is at another fraction of its peak at `step` than `previous`'s was.
 
   A cosine schedule spans config.num_epochs, so resuming a finished run with more epochs takes its learning rate
   from about 0 back up: allowed, since that is how a run is extended, but said. A new peak alone moves nothing.
+  `previous` is the config of the run that made the checkpoint at `step` (None, or without these settings: no check).
   """
-  if any(name not in previous for name in SCHEDULE_SETTINGS):
+  if previous is None or any(name not in previous for name in SCHEDULE_SETTINGS):
     return
   now, before = (float(create_learning_rate_schedule(c, steps_per_epoch, 1.0)(step)) for c in (config, previous))
   changed = [name for name in SCHEDULE_SETTINGS if config[name] != previous[name]]
@@ -435,11 +440,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   state = replicate(create_initial_state(config, steps_per_epoch), mesh)
   manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
   latest_step = manager.latest_step()
-  previous = None if latest_step is None else workdir_lib.load_config(workdir)
+  previous = None if latest_step is None else workdir_lib.load_config(workdir, latest_step)
   if previous is not None:  # Checked before a corrupt checkpoint could be set aside.
     _check_resumable(config, previous, workdir, latest_step)
   # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
   abstract_state = _abstract(state, NamedSharding(mesh, PartitionSpec()))
+  if jax.process_count() > 1:  # Every host has listed the checkpoints before any could set a corrupt one aside.
+    multihost_utils.sync_global_devices('tinycnn: checkpoints listed')
   restored = workdir_lib.restore_checkpoint(manager, abstract_state, workdir, set_aside_corrupt=True)
   if restored is not None:
     # The peak learning rate is a hyperparameter in the optimiser state: the config's replaces the checkpoint's,
@@ -447,8 +454,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     state = restored.replace(opt_state=restored.opt_state._replace(hyperparams=state.opt_state.hyperparams))
     logging.info('Resumed from the checkpoint at step %d.', int(np.max(state.step)))
   start_step = int(np.max(state.step))
-  if restored is not None and previous is not None:
-    _warn_if_the_schedule_moves(config, previous, steps_per_epoch, start_step)
+  if restored is not None:
+    _warn_if_the_schedule_moves(config, workdir_lib.load_config(workdir, start_step), steps_per_epoch, start_step)
   workdir_lib.save_config(config, workdir, start_step)
   learning_rates = np.asarray(jax.device_get(state.opt_state.hyperparams['learning_rate'])).reshape(-1)
 
@@ -457,7 +464,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   if sweep:
     eval_on_batch = jax.vmap(eval_on_batch, in_axes=(0, None))
   eval_fn = jit(lambda params, batch: eval_on_batch(params, jax.lax.with_sharding_constraint(batch, batch_sharding)))
-  epoch_order = jax.jit(functions.epoch_order)
+  # Placed as the compiled step takes it, rather than on one device and moved at every step.
+  epoch_order = jax.jit(functions.epoch_order, out_shardings=NamedSharding(mesh, PartitionSpec()))
   compile_start = time.perf_counter()
   if config.train_mode == 'epoch':
     compiled_epoch = jit(functions.train_epoch, donate_argnums=0).lower(state, train_data, 0).compile()

@@ -124,16 +124,17 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
 CONFIG_NAME = re.compile(r'config(?:_step(\d+)(?:_(\d+))?)?\.json')
 
 
+def _saved_order(path: str) -> tuple[int, int]:
+  """(the step its run started from, i) of config.json (0, 0) or config_step<N>[_<i>].json (N, i or 1)."""
+  step, index = CONFIG_NAME.fullmatch(os.path.basename(path)).groups()
+  return (0, 0) if step is None else (int(step), int(index or 1))
+
+
 def saved_configs(workdir: str) -> list[str]:
   """Paths of the configs the runs in workdir saved, the latest last: config.json, then config_step<N>[_<i>].json
   by N (the step the run started from) and i."""
-
-  def order(name):
-    step, index = CONFIG_NAME.fullmatch(name).groups()
-    return (-1, 0) if step is None else (int(step), int(index or 1))
-
   names = [name for name in os.listdir(workdir) if CONFIG_NAME.fullmatch(name)] if os.path.isdir(workdir) else []
-  return [os.path.join(workdir, name) for name in sorted(names, key=order)]
+  return sorted((os.path.join(workdir, name) for name in names), key=_saved_order)
 
 
 def _tuples(value):
@@ -145,9 +146,15 @@ def _tuples(value):
   return value
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict | None:
-  """The config of the latest run in workdir (the last one saved), or None when there is none."""
-  saved = saved_configs(workdir)
+def load_config(workdir: str, checkpoint_step: int | None = None) -> ml_collections.ConfigDict | None:
+  """The config of the latest run in workdir (the last one saved), or None when there is none.
+
+  With `checkpoint_step`, the config of the run that made that checkpoint: the latest that started before it (a
+  later run may have saved its config and stopped before its first checkpoint).
+  """
+  saved = [
+    path for path in saved_configs(workdir) if checkpoint_step is None or _saved_order(path)[0] < checkpoint_step
+  ]
   if not saved:
     return None
   with open(saved[-1]) as f:

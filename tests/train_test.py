@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import input_pipeline
 import train
+import workdir as workdir_lib
 from configs import default, wide
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,6 +194,22 @@ def test_resumed_run_takes_the_learning_rate_of_its_config(short_run, tmp_path, 
   assert state.opt_state.hyperparams['learning_rate'] == np.float32(1e-4)
   with open(os.path.join(workdir, 'config_step124.json')) as f:
     assert json.load(f)['learning_rate'] == 1e-4
+
+
+def test_the_schedule_is_compared_with_the_run_that_made_the_checkpoint(short_run, tmp_path, caplog):
+  workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
+  # A 3-epoch run resumed from step 124, saved its config and stopped before its first checkpoint.
+  workdir_lib.save_config(short_config(num_epochs=3), workdir, 124)
+  state, _ = train.train_and_evaluate(short_config(), workdir)  # As the run that made checkpoint 124.
+  assert state.step == 124
+  assert 'learning-rate schedule' not in caplog.text
+
+
+@pytest.mark.parametrize('schedule, moves', [('constant', False), ('cosine', True), ('warmup_cosine', True)])
+def test_a_longer_run_moves_the_schedule_unless_it_is_constant(schedule, moves, caplog):
+  that_run = short_config(schedule=schedule, warmup_epochs=1.0)
+  train._warn_if_the_schedule_moves(short_config(schedule=schedule, warmup_epochs=1.0, num_epochs=3), that_run, 62, 124)
+  assert ('moves the learning-rate schedule' in caplog.text) == moves
 
 
 def truncate_every_file(checkpoint):
@@ -517,6 +534,40 @@ def test_data_parallel_over_8_devices_matches_one_device(short_run, tmp_path):
   )
 
 
+def run_two_processes(script, tmp_path, *args):
+  """Runs `script` as processes 0 and 1 of one jax.distributed run on the CPU, as `script ADDRESS ID *args`.
+
+  Returns each process's (stdout, stderr); fails with both stderr tails if either fails or they outlast 300 s.
+  """
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  # A proxy setting can keep the processes from reaching their coordinator on localhost.
+  environment = {name: value for name, value in os.environ.items() if not name.lower().endswith('_proxy')}
+  environment.update(JAX_PLATFORMS='cpu', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  logs = [(tmp_path / f'process_{i}.out', tmp_path / f'process_{i}.err') for i in range(2)]
+  processes = []
+  for i, (out, err) in enumerate(logs):
+    with open(out, 'w') as stdout, open(err, 'w') as stderr:  # The child keeps its own handles.
+      command = [sys.executable, '-c', script, f'localhost:{port}', str(i), *args]
+      processes.append(subprocess.Popen(command, cwd=REPO, env=environment, stdout=stdout, stderr=stderr))
+  deadline = time.monotonic() + 300
+  try:
+    for process in processes:
+      process.wait(timeout=max(deadline - time.monotonic(), 1))
+  except subprocess.TimeoutExpired:
+    pass
+  finally:
+    for process in processes:
+      process.kill()
+      process.wait()
+  outputs = [(out.read_text(), err.read_text()) for out, err in logs]
+  codes = [process.returncode for process in processes]
+  failures = [f'process {i} exited with {code}:\n{outputs[i][1][-2000:]}' for i, code in enumerate(codes) if code]
+  assert not failures, '\n'.join(failures)
+  return outputs
+
+
 # One process of a multi-host run: train.py's own main, counting the values that jax.device_put gathers from every
 # host to check that they hold the same copy (a 50,000-image split would be gathered to every host, just to start).
 MULTIHOST_PROCESS_SCRIPT = """
@@ -531,7 +582,9 @@ def counted_check(tree, fail_message=''):
   check(tree, fail_message)
 import jax
 multihost_utils.assert_equal = counted_check
-sys.argv = ['train.py', *sys.argv[1:]]
+address, process_id, *flags = sys.argv[1:]
+launch = [f'--coordinator_address={address}', '--num_processes=2', f'--process_id={process_id}']
+sys.argv = ['train.py', '--multihost', *launch, *flags]
 try:
   runpy.run_path('train.py', run_name='__main__')
 finally:
@@ -541,40 +594,44 @@ finally:
 
 def test_two_processes_train_like_one(short_run, tmp_path):
   workdir, state, _ = short_run
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    port = s.getsockname()[1]
-  environment = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo'}
   flags = ['--config=configs/default.py', *(f'--config.{name}={value}' for name, value in SHORT_RUN.items())]
-  flags += [f'--workdir={tmp_path}', '--multihost', f'--coordinator_address=localhost:{port}', '--num_processes=2']
-  processes = [
-    subprocess.Popen(
-      [sys.executable, '-c', MULTIHOST_PROCESS_SCRIPT, *flags, f'--process_id={i}'],
-      cwd=REPO,
-      env=environment,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )  # fmt: skip
-    for i in range(2)
-  ]
-  try:
-    outputs = [process.communicate(timeout=300) for process in processes]
-  finally:
-    for process in processes:
-      process.kill()
-  for process, (_, stderr) in zip(processes, outputs, strict=True):
-    assert process.returncode == 0, stderr[-3000:]
-  # Orbax's syncs between hosts gather a few dozen scalars; the split is 4,096,000 values and the state 48,000.
+  outputs = run_two_processes(MULTIHOST_PROCESS_SCRIPT, tmp_path, *flags, f'--workdir={tmp_path / "run"}')
+  # A checksum per array, and orbax's syncs between hosts, gather a few dozen values; the split is 4,096,000 values
+  # and the state about 50,000.
   for stdout, _ in outputs:
     assert int(stdout.split('gathered ')[-1].split()[0]) < 1000, stdout
-  params, step = train.load_params(short_config(), str(tmp_path))
+  params, step = train.load_params(short_config(), str(tmp_path / 'run'))
   assert step == 124
   assert_trees_close(params, state.params, atol=1e-5)
   # One row per step and split: only process 0 writes metrics.
-  rows, expected = read_metrics(str(tmp_path)), read_metrics(workdir)
+  rows, expected = read_metrics(str(tmp_path / 'run')), read_metrics(workdir)
   assert [(r['step'], r['split']) for r in rows] == [(r['step'], r['split']) for r in expected]
   np.testing.assert_allclose([r['loss'] for r in rows], [r['loss'] for r in expected], rtol=1e-4)
+
+
+REPLICATE_SCRIPT = """
+import sys
+import jax
+import numpy as np
+import train
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+mesh = train.device_mesh()
+same = train.replicate({'x': np.arange(6.0)}, mesh)['x']
+print(same.shape, same.sharding.is_fully_replicated, np.asarray(same.addressable_data(0)).tolist())
+try:
+  train.replicate({'x': np.arange(6.0) + jax.process_index()}, mesh)
+except AssertionError as error:
+  print(str(error).split(';')[0])
+"""
+
+
+def test_hosts_with_different_copies_are_refused(tmp_path):
+  # replicate takes each host's copy as it is, so it compares them first, by a checksum per array.
+  for stdout, _ in run_two_processes(REPLICATE_SCRIPT, tmp_path):
+    assert [line for line in stdout.splitlines() if not line.startswith('[Gloo]')] == [
+      '(6,) True [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]',
+      'The hosts hold different data or initial parameters',
+    ]
 
 
 def test_process_flags_without_multihost_are_refused(tmp_path):
