@@ -85,9 +85,10 @@ def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state)
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: str, *, set_aside_corrupt: bool):
   """The latest checkpoint as a TrainState, or None when there is none.
 
-  A checkpoint of a different model or optimiser is refused and left where it is. With `set_aside_corrupt`, a
-  latest checkpoint that cannot be read is moved to workdir/corrupt_checkpoints/ (never deleted) and the previous
-  one is used; a second unreadable one stops the run, since that points to a cause other than an interrupted write.
+  A checkpoint of another model, or whose optimiser state has another structure, is refused and left in place.
+  With `set_aside_corrupt`, a latest checkpoint that cannot be read is moved to workdir/corrupt_checkpoints/ (never
+  deleted) and the previous one is used; a second unreadable one stops the run, since that points to a cause other
+  than an interrupted write.
   """
   set_aside = []
   for step in sorted(manager.all_steps(), reverse=True):
