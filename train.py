@@ -342,7 +342,7 @@ def _check_resumable(
 
   A checkpoint counts steps, so a run resumed with another batch size, split or seed would repeat or skip data and
   end at another epoch; another config.model setting of the same parameter shapes would load the parameters into
-  another function. They are compared with `previous`, the config the latest run saved, which made the checkpoint.
+  another function. They are compared with `previous`, the config of the run that made the checkpoint.
   """
   changed = []  # (name, value, that run's value), with config.model compared field by field.
   for name in RESUME_SETTINGS:
@@ -409,6 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   check_config(config)
   eval_split = 'validation' if config.validation_size else 'test'
   mesh = device_mesh()
+  replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
   # On the devices once: every epoch and every evaluation gathers its batches there.
   train_data = replicate(input_pipeline.load_split(config, 'train'), mesh)
@@ -444,10 +445,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   if previous is not None:  # Checked before a corrupt checkpoint could be set aside.
     _check_resumable(config, previous, workdir, latest_step)
   # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
-  abstract_state = _abstract(state, NamedSharding(mesh, PartitionSpec()))
   if jax.process_count() > 1:  # Every host has listed the checkpoints before any could set a corrupt one aside.
     multihost_utils.sync_global_devices('tinycnn: checkpoints listed')
-  restored = workdir_lib.restore_checkpoint(manager, abstract_state, workdir, set_aside_corrupt=True)
+  restored = workdir_lib.restore_checkpoint(manager, _abstract(state, replicated), workdir, set_aside_corrupt=True)
   if restored is not None:
     # The peak learning rate is a hyperparameter in the optimiser state: the config's replaces the checkpoint's,
     # so that a resumed run can lower it (config_step<N>.json records the change).
@@ -465,7 +465,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     eval_on_batch = jax.vmap(eval_on_batch, in_axes=(0, None))
   eval_fn = jit(lambda params, batch: eval_on_batch(params, jax.lax.with_sharding_constraint(batch, batch_sharding)))
   # Placed as the compiled step takes it, rather than on one device and moved at every step.
-  epoch_order = jax.jit(functions.epoch_order, out_shardings=NamedSharding(mesh, PartitionSpec()))
+  epoch_order = jax.jit(functions.epoch_order, out_shardings=replicated)
   compile_start = time.perf_counter()
   if config.train_mode == 'epoch':
     compiled_epoch = jit(functions.train_epoch, donate_argnums=0).lower(state, train_data, 0).compile()
@@ -609,7 +609,7 @@ def main(argv):
   tune_cpu_runtime()
   launch = {name: flags.FLAGS[name].value for name in ('coordinator_address', 'num_processes', 'process_id')}
   if flags.FLAGS.multihost:
-    jax.distributed.initialize(**launch)  # Settings left unset are found on a Cloud TPU pod, in SLURM or Open MPI.
+    jax.distributed.initialize(**launch)  # Unset ones are found on Cloud TPU, SLURM, Open MPI or Kubernetes.
   elif any(value is not None for value in launch.values()):
     raise app.UsageError(f'--{"/--".join(launch)} join the processes of a --multihost run; add --multihost.')
   train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
