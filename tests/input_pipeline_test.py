@@ -254,3 +254,39 @@ def test_fewer_classes_than_the_labels_is_an_error(train_split, test_split):
 def test_bad_batch_size(batch_size):
   with pytest.raises(ValueError, match=f'config.batch_size={batch_size} is not valid.*from 1 to 1000'):
     input_pipeline.check_batch_size(batch_size, 1000)
+
+
+def test_batches_are_the_documented_permutation():
+  key = jax.random.key(0)
+  indices = np.asarray(input_pipeline.shuffled_batch_indices(key, 4000, 128))
+  np.testing.assert_array_equal(indices, np.asarray(jax.random.permutation(key, 4000))[:3968].reshape(31, 128))
+  assert not (np.diff(indices[0]) > 0).all()  # Shuffled, not in index order.
+
+
+def test_crop_offsets_are_row_then_column():
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 32, 3)), jnp.float32)
+  p = 4
+  offsets = jnp.tile(jnp.array([[0, 2 * p]]), (4, 1))  # The top row, the rightmost column.
+  moved = input_pipeline.crop_and_flip(images, offsets, jnp.zeros(4, bool), p)
+  np.testing.assert_array_equal(moved[:, p:, : 32 - p], images[:, : 32 - p, p:])  # Down p rows, left p columns.
+
+
+def test_augment_draws_crops_and_flips_from_split_keys():
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((64, 32, 32, 1)), jnp.float32)
+  key, p = jax.random.key(3), 2
+  crop_key, flip_key = jax.random.split(key)
+  offsets = jax.random.randint(crop_key, (64, 2), 0, 2 * p + 1)
+  flips = jax.random.bernoulli(flip_key, shape=(64,))
+  expected = input_pipeline.crop_and_flip(images, offsets, flips, p)
+  np.testing.assert_array_equal(input_pipeline.augment(images, key, p, True), expected)
+
+
+def test_eval_padding_has_zero_labels():
+  data = {'image': np.ones((50, 32, 32, 1), np.float32), 'label': np.full(50, 7, np.int32)}
+  (batch,) = list(input_pipeline.eval_batches(data, 64))
+  assert not np.asarray(batch['label'])[~np.asarray(batch['mask'])].any()
+
+
+def test_a_batch_may_be_the_whole_split_or_one_example():
+  input_pipeline.check_batch_size(1000, 1000)
+  input_pipeline.check_batch_size(1, 1000)

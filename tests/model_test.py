@@ -321,3 +321,33 @@ class ValidationTest(parameterized.TestCase):
     # 32 -> conv stride 2 SAME -> 16 -> pool -> 8; 8*8*4 = 256 -> fc1 (logits).
     self.assertEqual(model.layer_shapes(config)['flatten'], (256,))
     self.assertEqual(model.layer_shapes(config)['fc1'], (10,))
+
+
+@pytest.mark.parametrize('strides', [1, 2])
+@pytest.mark.parametrize('padding', ['VALID', 'SAME'])
+def test_conv_windows_on_a_non_square_input_and_kernel(strides, padding):
+  # Height and width, kh and kw differ, so a height used for a width (or kh for kw) shows.
+  x = jax.random.normal(jax.random.key(0), (2, 20, 13, 3))
+  kernel = jax.random.normal(jax.random.key(1), (5, 2, 3, 4))
+  bias = jax.random.normal(jax.random.key(2), (4,))
+  conv = model.window_map(model.conv_windows(x, kernel, bias, strides, padding, 1))
+  np.testing.assert_allclose(conv, lax_conv(x, kernel, strides, padding) + bias, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize('strides', [2, 3])
+def test_same_padding_with_a_kernel_smaller_than_its_stride(strides):
+  # kernel_size=1, strides=2, padding='SAME' is a valid config; its padding would be negative without the clamp.
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  kernel = jax.random.normal(jax.random.key(1), (1, 1, 3, 2))
+  conv = model.conv2d(x, kernel, strides, 'SAME')
+  np.testing.assert_allclose(conv, lax_conv(x, kernel, strides, 'SAME'), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize('size, padding, pool_window', [(40, 'SAME', 2), (64, 'VALID', 1)])
+def test_strided_conv_over_several_column_blocks(size, padding, pool_window):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  kernel = jax.random.normal(jax.random.key(1), (5, 5, 3, 4))
+  out_w = model.conv_output_size(size, 5, 2, padding)
+  assert out_w // model._block_width(out_w, pool_window) > 1  # Each block starts at its own strided column.
+  conv = model.window_map(model.conv_windows(x, kernel, jnp.zeros(4), 2, padding, pool_window))
+  np.testing.assert_allclose(conv, lax_conv(x, kernel, 2, padding), atol=1e-4, rtol=1e-5)

@@ -303,3 +303,12 @@ def test_params_of_another_network_are_refused(settings, message):
   params, images, _ = _data(config, batch=1)
   with pytest.raises(ValueError, match=message):
     reference.forward(params, {**config.model.to_dict(), **settings}, images)
+
+
+def test_reference_same_padding_with_a_kernel_smaller_than_its_stride():
+  rng = np.random.default_rng(0)
+  x, kernel, bias = rng.normal(size=(2, 8, 7, 3)), rng.normal(size=(1, 1, 3, 2)), rng.normal(size=2)
+  with jax.enable_x64(True):
+    dimensions = ('NHWC', 'HWIO', 'NHWC')
+    expected = np.asarray(jax.lax.conv_general_dilated(x, kernel, (3, 3), 'SAME', dimension_numbers=dimensions))
+  np.testing.assert_allclose(reference.conv2d(x, kernel, bias, 3, 'SAME'), expected + bias, rtol=1e-12, atol=1e-12)
