@@ -13,8 +13,8 @@ import os
 import sys
 import time
 import zlib
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -335,6 +335,31 @@ RESUME_SETTINGS = ('dataset', 'validation_size', 'batch_size', 'seed', 'model')
 SCHEDULE_SETTINGS = ('schedule', 'num_epochs', 'warmup_epochs')
 
 
+def _changed_settings(
+  config: ml_collections.ConfigDict, previous: ml_collections.ConfigDict, names: Sequence[str]
+) -> list[tuple[str, Any, Any]]:
+  """(setting, value, that run's value) for each of `names` that `config` sets otherwise than `previous`.
+
+  A nested ConfigDict (config.model) is compared field by field; a name `previous` lacks (saved by older code) is
+  skipped.
+  """
+  changed = []
+  for name in names:
+    if name not in previous:
+      continue
+    if isinstance(config[name], ml_collections.ConfigDict):
+      fields = sorted(set(config[name].keys()) | set(previous[name].keys()))
+      pairs = [(f'{name}.{field}', config[name].get(field), previous[name].get(field)) for field in fields]
+    else:
+      pairs = [(name, config[name], previous[name])]
+    changed += [(setting, value, before) for setting, value, before in pairs if value != before]
+  return changed
+
+
+def _describe_changes(changed: list[tuple[str, Any, Any]]) -> str:
+  return ', '.join(f'config.{setting}={value!r} (that run: {before!r})' for setting, value, before in changed)
+
+
 def _check_resumable(
   config: ml_collections.ConfigDict, previous: ml_collections.ConfigDict, workdir: str, step: int
 ) -> None:
@@ -344,21 +369,11 @@ def _check_resumable(
   end at another epoch; another config.model setting of the same parameter shapes would load the parameters into
   another function. They are compared with `previous`, the config of the run that made the checkpoint.
   """
-  changed = []  # (name, value, that run's value), with config.model compared field by field.
-  for name in RESUME_SETTINGS:
-    if name not in previous:
-      continue
-    if isinstance(config[name], ml_collections.ConfigDict):
-      fields = sorted(set(config[name].keys()) | set(previous[name].keys()))
-      pairs = [(f'{name}.{field}', config[name].get(field), previous[name].get(field)) for field in fields]
-    else:
-      pairs = [(name, config[name], previous[name])]
-    changed += [(setting, value, before) for setting, value, before in pairs if value != before]
+  changed = _changed_settings(config, previous, RESUME_SETTINGS)
   if changed:
     raise ValueError(
       f'Resuming the checkpoint at step {step} in {workdir} needs the batches and model of the run that made it, but '
-      + ', '.join(f'config.{setting}={value!r} (that run: {before!r})' for setting, value, before in changed)
-      + '. Set them back to resume, or use a new --workdir; nothing was changed.'
+      f'{_describe_changes(changed)}. Set them back to resume, or use a new --workdir; nothing was changed.'
     )
 
 
@@ -374,13 +389,12 @@ def _warn_if_the_schedule_moves(
   if previous is None or any(name not in previous for name in SCHEDULE_SETTINGS):
     return
   now, before = (float(create_learning_rate_schedule(c, steps_per_epoch, 1.0)(step)) for c in (config, previous))
-  changed = [name for name in SCHEDULE_SETTINGS if config[name] != previous[name]]
+  changed = _changed_settings(config, previous, SCHEDULE_SETTINGS)
   if changed and abs(now - before) > 1e-3:
     logging.warning(
       'Resuming at step %d with %s moves the learning-rate schedule: at this step it is %.1f%% of the peak, where '
       'that run had %.1f%%.',
-      step, ', '.join(f'config.{name}={config[name]!r} (that run: {previous[name]!r})' for name in changed),
-      100 * now, 100 * before,
+      step, _describe_changes(changed), 100 * now, 100 * before,
     )  # fmt: skip
 
 
