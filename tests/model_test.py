@@ -205,17 +205,26 @@ class ConvolutionTest(parameterized.TestCase):
       atol = 1e-6 * np.abs(expected).max()
       np.testing.assert_allclose(outputs[f'pool{i}'], expected, rtol=1e-6, atol=atol, err_msg=f'pool{i}')
 
-  def test_max_pool_gradient_splits_ties_like_the_reference(self):
-    # One 2x2 window holding [[3, 1], [3, 0]]: the maximum 3 is tied, so each 3 gets half the gradient (the window
-    # is not symmetric, so a gradient sent to the transposed positions would show).
-    x = jnp.array([[3.0, 1.0], [3.0, 0.0]]).reshape(1, 2, 2, 1)
+  @parameterized.named_parameters(
+    # Each 2x2 window's maximum 3 is tied, so each 3 gets an equal share of the gradient. No window is symmetric,
+    # so a gradient sent to transposed positions would show, and the ties lie in a column, a row and a diagonal.
+    ('column', [[3, 1], [3, 0]], [[1 / 2, 0], [1 / 2, 0]]),
+    ('row', [[3, 3], [1, 0]], [[1 / 2, 1 / 2], [0, 0]]),
+    ('diagonal', [[0, 3], [3, 1]], [[0, 1 / 2], [1 / 2, 0]]),
+    ('three', [[3, 3], [1, 3]], [[1 / 3, 1 / 3], [0, 1 / 3]]),
+    ('all', [[3, 3], [3, 3]], [[1 / 4, 1 / 4], [1 / 4, 1 / 4]]),
+  )
+  def test_max_pool_gradient_splits_ties_like_the_reference(self, window, expected):
+    # Beside a window with one maximum, in the same block of the conv_windows layout.
+    x = jnp.array(np.hstack([window, [[0, 2], [1, 0]]]), jnp.float32).reshape(1, 2, 4, 1)
+    expected = np.hstack([expected, [[0, 1], [0, 0]]])
 
     def pooled_sum(x):
       return model.pool_windows(model.conv_windows(x, jnp.ones((1, 1, 1, 1)), jnp.zeros(1), 1, 'VALID', 2), 'max').sum()
 
-    np.testing.assert_array_equal(jax.grad(pooled_sum)(x).squeeze(), [[0.5, 0], [0.5, 0]])
-    by_hand = reference.pool2d_backward(np.asarray(x), np.ones((1, 1, 1, 1)), 'max', 2)
-    np.testing.assert_array_equal(by_hand.squeeze(), [[0.5, 0], [0.5, 0]])
+    np.testing.assert_allclose(jax.grad(pooled_sum)(x).squeeze(), expected, rtol=1e-7)
+    by_hand = reference.pool2d_backward(np.asarray(x), np.ones((1, 1, 2, 1)), 'max', 2)
+    np.testing.assert_allclose(by_hand.squeeze(), expected, rtol=1e-7)
 
 
 class FlattenOrderTest(parameterized.TestCase):
@@ -315,6 +324,22 @@ class ValidationTest(parameterized.TestCase):
     config.input_shape = shape
     with pytest.raises(ValueError, match=r'input_shape=.* \(height, width, channels\)'):
       model.layer_shapes(config)
+
+  @parameterized.parameters(((32, 34, 1), '10x11'), ((34, 32, 1), '11x10'))
+  def test_pool_window_must_divide_both_sides(self, shape, conv2_output):
+    config = make_config()
+    config.input_shape = shape
+    with pytest.raises(ValueError, match=rf'model\.pool_window=2 does not divide the {conv2_output} output of conv2\.'):
+      model.layer_shapes(config)
+
+  def test_non_square_input(self):
+    config = make_config()
+    config.input_shape = (32, 36, 1)
+    # conv1 28x32, pool 14x16, conv2 10x12, pool 5x6: 5*6*6 = 180 inputs to fc1.
+    self.assertEqual(model.layer_shapes(config)['flatten'], (180,))
+    x = jax.random.normal(jax.random.key(0), (2, 32, 36, 1))
+    logits = model.create_model(config).apply({'params': model.init_params(config, jax.random.key(1))}, x)
+    self.assertEqual(logits.shape, (2, 10))
 
   def test_valid_non_default_geometry(self):
     config = make_config(strides=2, padding='SAME', pool='avg', conv_features=(4,), hidden_features=())
