@@ -38,6 +38,7 @@ TRAIN_STATS = {
   'fashion_mnist': ((0.2860,), (0.3530,)),
   'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
+STORED_SIZES = {'embedded_mnist': 28, 'mnist': 28, 'fashion_mnist': 28, 'cifar10': 32}  # Height and width.
 
 
 def padded_stats(mean: np.ndarray, std: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +46,20 @@ def padded_stats(mean: np.ndarray, std: np.ndarray, fraction: float) -> tuple[np
   mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
   padded_mean = fraction * mean
   return padded_mean, np.sqrt(fraction * (std**2 + mean**2) - padded_mean**2)
+
+
+def normalisation(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel (mean, std) [C] of `dataset`'s training images once padded to 32x32: what `load_split` removes."""
+  return padded_stats(*TRAIN_STATS[dataset], fraction=STORED_SIZES[dataset] ** 2 / IMAGE_SIZE**2)
+
+
+def black(dataset: str) -> np.ndarray:
+  """float32 [C]: a black pixel (0 on the [0, 1] scale) normalised, as `load_split` normalises `dataset`.
+
+  The digits' background and the border of their padding to 32x32; `augment` fills what a shift uncovers with it.
+  """
+  mean, std = normalisation(dataset)
+  return -(mean / std).astype(np.float32)
 
 
 def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
@@ -90,10 +105,12 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
     cut = len(labels) - validation_size
     images, labels = (images[cut:], labels[cut:]) if split == 'validation' else (images[:cut], labels[:cut])
 
-  _, h, w, _ = images.shape
-  pad_h, pad_w = (IMAGE_SIZE - h) // 2, (IMAGE_SIZE - w) // 2
-  images = np.pad(images, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)))
-  mean, std = padded_stats(*TRAIN_STATS[config.dataset], fraction=h * w / IMAGE_SIZE**2)
+  size = STORED_SIZES[config.dataset]
+  if images.shape[1:3] != (size, size):
+    raise ValueError(f'The {config.dataset} images read are {images.shape[1:3]}, not the {size}x{size} it stores.')
+  pad = (IMAGE_SIZE - size) // 2
+  images = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  mean, std = normalisation(config.dataset)
   normalised = images.astype(np.float32)  # In place from here: cifar10's train split is 600 MB as float32.
   normalised *= (1 / (255 * std)).astype(np.float32)
   normalised -= (mean / std).astype(np.float32)
@@ -149,14 +166,16 @@ def check_batch_size(batch_size: int, num_examples: int) -> None:
     )
 
 
-def crop_and_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array, padding: int) -> jax.Array:
-  """[B, H, W, C] -> [B, H, W, C]: each image zero-padded by `padding` and cropped back to H x W.
+def crop_and_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array, padding: int, fill) -> jax.Array:
+  """[B, H, W, C] -> [B, H, W, C]: each image padded by `padding` pixels of colour `fill` [C] and cropped to H x W.
 
   offsets: int [B, 2], the (row, column) of each crop in 0..2*padding; flips: bool [B], mirror left-right.
   Offsets (padding, padding) without a flip return the image unchanged.
   """
   _, h, w, c = images.shape
-  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  margins = ((padding, padding), (padding, padding))
+  inside = np.pad(np.ones((h, w, 1), bool), (*margins, (0, 0)))
+  padded = jnp.where(inside, jnp.pad(images, ((0, 0), *margins, (0, 0))), jnp.asarray(fill, images.dtype))
 
   def one(image, offset, flip):
     crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
@@ -165,30 +184,34 @@ def crop_and_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array, paddi
   return jax.vmap(one)(padded, offsets, flips)
 
 
-def augment(images: jax.Array, key: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
+def augment(images: jax.Array, key: jax.Array, crop_padding: int, flip: bool, fill) -> jax.Array:
   """[B, H, W, C] -> [B, H, W, C]: each image moved by up to `crop_padding` pixels each way (a random crop of the
-  zero-padded image) and, with `flip`, mirrored left-right with probability 1/2.
+  image padded with `fill` [C]) and, with `flip`, mirrored left-right with probability 1/2.
 
-  Pure and jittable. The padding is 0, which on normalised images is the training set's mean colour.
+  Pure and jittable. `fill` is `black(dataset)`, so that a shifted digit's uncovered pixels are background, as in
+  every test image (0, the training set's mean, would add a grey edge no test image has).
   """
   crop_key, flip_key = jax.random.split(key)
   offsets = jax.random.randint(crop_key, (images.shape[0], 2), 0, 2 * crop_padding + 1)
   flips = jax.random.bernoulli(flip_key, shape=(images.shape[0],)) & flip
-  return crop_and_flip(images, offsets, flips, crop_padding)
+  return crop_and_flip(images, offsets, flips, crop_padding, fill)
 
 
 def train_batch(
-  data: dict, indices: jax.Array, augment_key: jax.Array, step, crop_padding: int = 0, flip: bool = False
+  data: dict, indices: jax.Array, augment_key: jax.Array, step, crop_padding: int = 0, flip: bool = False, fill=None
 ) -> dict[str, jax.Array]:
   """Batch `step` of an epoch ordered by `indices` [S, B]: {'image': [B, ...], 'label': [B]}.
 
-  Augmented (see `augment`) with fold_in(augment_key, step) when crop_padding > 0 or flip. Pure and jittable
+  Augmented (see `augment`, which fills with `fill`) with fold_in(augment_key, step) when crop_padding > 0 or flip.
+  Pure and jittable
   (`step` may be traced): the one definition of a training batch, used per step and inside a whole-epoch
   `lax.scan` alike.
   """
   batch = {'image': data['image'][indices[step]], 'label': data['label'][indices[step]]}
   if crop_padding or flip:
-    batch['image'] = augment(batch['image'], jax.random.fold_in(augment_key, step), crop_padding, flip)
+    if fill is None:
+      raise ValueError('train_batch needs `fill` (black(dataset)) to augment: the colour a shift uncovers.')
+    batch['image'] = augment(batch['image'], jax.random.fold_in(augment_key, step), crop_padding, flip, fill)
   return batch
 
 

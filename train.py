@@ -229,6 +229,7 @@ def train_step_on_data(
   *,
   crop_padding: int,
   flip: bool,
+  fill: np.ndarray,
   batch_sharding: NamedSharding,
 ) -> tuple[train_state.TrainState, dict]:
   """`train_step` on batch `step` of the epoch ordered by `indices` [S, B] and augmented with `augment_key`.
@@ -236,7 +237,7 @@ def train_step_on_data(
   The batch is gathered from `data` on the device and split over the devices' batch axis; step-by-step and
   whole-epoch training both run exactly this.
   """
-  batch = input_pipeline.train_batch(data, indices, augment_key, step, crop_padding, flip)
+  batch = input_pipeline.train_batch(data, indices, augment_key, step, crop_padding, flip, fill)
   return train_step(state, jax.lax.with_sharding_constraint(batch, batch_sharding))
 
 
@@ -266,6 +267,7 @@ def training_functions(
     train_step_on_data,
     crop_padding=config.random_crop_padding,
     flip=config.random_flip,
+    fill=input_pipeline.black(config.dataset),
     batch_sharding=batch_sharding,
   )
   if sweep:

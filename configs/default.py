@@ -13,8 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Passed to tfds for the tfds datasets. A typed None, so that --config.data_dir=DIR can set it.
   config.data_dir = ml_collections.config_dict.placeholder(str)
   config.input_shape = (32, 32, 1)
-  # Augmentation: move each training image by up to random_crop_padding pixels (a random crop of the zero-padded
-  # image), and mirror it left-right at random when random_flip.
+  # Augmentation: move each training image by up to random_crop_padding pixels (a random crop of the image padded
+  # with black, the digits' background), and mirror it left-right at random when random_flip.
   config.random_crop_padding = 1
   config.random_flip = False
   config.validation_size = 0  # > 0 holds out the end of the train split and evaluates on it instead of test.

@@ -53,6 +53,7 @@ def test_embedded_set_is_normalised_and_balanced(train_split, test_split):
   mean, std = input_pipeline.padded_stats(*input_pipeline.TRAIN_STATS['embedded_mnist'], fraction=784 / 1024)
   background, white = -mean[0] / std[0], (1 - mean[0]) / std[0]
   np.testing.assert_array_equal(test_split['image'][:, _border()], np.float32(background))
+  np.testing.assert_array_equal(input_pipeline.black('embedded_mnist'), [np.float32(background)])
   assert test_split['image'].min() == pytest.approx(background) and test_split['image'].max() == pytest.approx(white)
 
 
@@ -117,6 +118,8 @@ def test_tfds_datasets_load_under_mock_data(name, tmp_path):
     background = np.float32(-mean[0] / std[0])
     np.testing.assert_array_equal(data['image'][:, _border()], background)
     assert np.any(data['image'][:, 2:30, 2:30] != background)
+  # Mock images are uniform over 0-255, so each channel holds 0s (a miss has probability 1e-10): black.
+  np.testing.assert_array_equal(data['image'].min(axis=(0, 1, 2)), input_pipeline.black(name))
 
 
 @pytest.mark.parametrize('in_config', [True, False], ids=['config.data_dir', 'TFDS_DATA_DIR'])
@@ -171,15 +174,23 @@ def test_augmented_batches_follow_the_documented_keys(train_split, crop_padding,
   step = 3
   shuffle_key, augment_key = input_pipeline.epoch_keys(0, 0)
   indices = input_pipeline.shuffled_batch_indices(shuffle_key, 4000, 128)
-  batch = input_pipeline.train_batch(train_split, indices, augment_key, step, crop_padding=crop_padding, flip=flip)
+  black = input_pipeline.black('embedded_mnist')
+  batch = input_pipeline.train_batch(train_split, indices, augment_key, step, crop_padding, flip, black)
   images = train_split['image'][indices[step]]
   np.testing.assert_array_equal(batch['label'], train_split['label'][indices[step]])
   if not (crop_padding or flip):
     np.testing.assert_array_equal(batch['image'], images)
     return
-  expected = input_pipeline.augment(jnp.asarray(images), jax.random.fold_in(augment_key, step), crop_padding, flip)
+  expected = input_pipeline.augment(
+    jnp.asarray(images), jax.random.fold_in(augment_key, step), crop_padding, flip, black
+  )
   np.testing.assert_array_equal(batch['image'], expected)
   assert not np.array_equal(batch['image'], images)
+  if crop_padding <= 2:  # A shifted digit keeps a background frame, as every test digit has: filling with 0 (the
+    # mean colour) gave shifted digits a grey edge.
+    frame = np.ones((32, 32), bool)
+    frame[2 - crop_padding : 30 + crop_padding, 2 - crop_padding : 30 + crop_padding] = False
+    np.testing.assert_array_equal(batch['image'][:, frame], black[0])
 
 
 @pytest.mark.parametrize('n', [1000, 999, 50])
@@ -199,14 +210,17 @@ def test_augment():
   p = 4
   no_flip = jnp.zeros(16, bool)
   centre = jnp.full((16, 2), p)
-  np.testing.assert_array_equal(input_pipeline.crop_and_flip(images, centre, no_flip, p), images)
-  np.testing.assert_array_equal(input_pipeline.crop_and_flip(images, centre, ~no_flip, p), images[:, :, ::-1])
-  corner = input_pipeline.crop_and_flip(images, jnp.zeros((16, 2), int), no_flip, p)  # Shifted down-right by p.
+  fill = np.array([-1.5, 0.25, 2], np.float32)  # One colour per channel.
+  crop_and_flip = functools.partial(input_pipeline.crop_and_flip, padding=p, fill=fill)
+  np.testing.assert_array_equal(crop_and_flip(images, centre, no_flip), images)
+  np.testing.assert_array_equal(crop_and_flip(images, centre, ~no_flip), images[:, :, ::-1])
+  corner = crop_and_flip(images, jnp.zeros((16, 2), int), no_flip)  # Shifted down-right by p.
   np.testing.assert_array_equal(corner[:, p:, p:], images[:, :-p, :-p])
-  assert not corner[:, :p].any() and not corner[:, :, :p].any()
+  np.testing.assert_array_equal(corner[:, :p], np.broadcast_to(fill, (16, p, 32, 3)))
+  np.testing.assert_array_equal(corner[:, :, :p], np.broadcast_to(fill, (16, 32, p, 3)))
 
   key = jax.random.key(1)
-  augment = functools.partial(input_pipeline.augment, crop_padding=p, flip=True)
+  augment = functools.partial(input_pipeline.augment, crop_padding=p, flip=True, fill=0)
   augmented = augment(images, key)
   assert augmented.shape == images.shape
   np.testing.assert_array_equal(jax.jit(augment)(images, key), augmented)
@@ -220,7 +234,7 @@ def test_augment():
   flipped = cols > 15
   assert set(cols[~flipped]) == set(range(10 - p, 10 + p + 1)) and 0.4 < flipped.mean() < 0.6
   # The digits' setting: shifts of up to 1 pixel, never mirrored.
-  _, rows, cols, _ = np.nonzero(np.asarray(input_pipeline.augment(dot, key, crop_padding=1, flip=False)))
+  _, rows, cols, _ = np.nonzero(np.asarray(input_pipeline.augment(dot, key, crop_padding=1, flip=False, fill=0)))
   assert set(rows) == {15, 16, 17} and set(cols) == {9, 10, 11}
 
 
@@ -267,7 +281,7 @@ def test_crop_offsets_are_row_then_column():
   images = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 32, 3)), jnp.float32)
   p = 4
   offsets = jnp.tile(jnp.array([[0, 2 * p]]), (4, 1))  # The top row, the rightmost column.
-  moved = input_pipeline.crop_and_flip(images, offsets, jnp.zeros(4, bool), p)
+  moved = input_pipeline.crop_and_flip(images, offsets, jnp.zeros(4, bool), p, 0)
   np.testing.assert_array_equal(moved[:, p:, : 32 - p], images[:, : 32 - p, p:])  # Down p rows, left p columns.
 
 
@@ -277,8 +291,8 @@ def test_augment_draws_crops_and_flips_from_split_keys():
   crop_key, flip_key = jax.random.split(key)
   offsets = jax.random.randint(crop_key, (64, 2), 0, 2 * p + 1)
   flips = jax.random.bernoulli(flip_key, shape=(64,))
-  expected = input_pipeline.crop_and_flip(images, offsets, flips, p)
-  np.testing.assert_array_equal(input_pipeline.augment(images, key, p, True), expected)
+  expected = input_pipeline.crop_and_flip(images, offsets, flips, p, 0)
+  np.testing.assert_array_equal(input_pipeline.augment(images, key, p, True, 0), expected)
 
 
 def test_eval_padding_has_zero_labels():
@@ -290,3 +304,11 @@ def test_eval_padding_has_zero_labels():
 def test_a_batch_may_be_the_whole_split_or_one_example():
   input_pipeline.check_batch_size(1000, 1000)
   input_pipeline.check_batch_size(1, 1000)
+
+
+def test_images_of_another_size_than_the_dataset_stores_are_refused(monkeypatch):
+  # The normalisation and the black a shift fills with are those of the stored size (28x28 digits, padded to 32).
+  uint8_images = np.zeros((4, 32, 32, 1), np.uint8)
+  monkeypatch.setattr(input_pipeline, '_read_tfds', lambda *args: (uint8_images, np.zeros(4, np.int32)))
+  with pytest.raises(ValueError, match=r'The mnist images read are \(32, 32\), not the 28x28 it stores'):
+    input_pipeline.load_split(_config(dataset='mnist'), 'test')

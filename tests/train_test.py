@@ -59,7 +59,7 @@ def short_run(tmp_path_factory):
 
 def test_learns_the_real_digits(short_run):
   _, _, metrics = short_run
-  # 124 steps reach 0.914 on the 1,000 held-out digits (seed 0, measured); chance is 0.10.
+  # 124 steps reach 0.915 on the 1,000 held-out digits (seed 0, measured); chance is 0.10.
   assert metrics['test_accuracy'] >= 0.85
 
 
@@ -79,7 +79,7 @@ def test_validation_size_evaluates_on_the_held_out_tail_instead_of_test(tmp_path
   np.testing.assert_allclose(metrics['validation_accuracy'], recomputed['accuracy'])
   np.testing.assert_allclose(metrics['validation_loss'], recomputed['loss'], rtol=1e-5)
   assert [(r['step'], r['split']) for r in read_metrics(str(tmp_path)) if r['split'] != 'train'] == [(54, 'validation')]
-  assert metrics['validation_accuracy'] >= 0.7  # 0.850 measured after 54 steps on the other 3,500; chance is 0.10.
+  assert metrics['validation_accuracy'] >= 0.7  # 0.846 measured after 54 steps on the other 3,500; chance is 0.10.
 
 
 def test_metrics_jsonl_and_tensorboard_agree(short_run):
@@ -395,7 +395,8 @@ def test_each_step_trains_on_the_batch_of_its_seed_epoch_and_step():
   # Step 5 of epoch 1 is train_step on those examples, each shifted and mirrored with fold_in(augment_key, 5).
   state = train.create_train_state(config, jax.random.key(0), 62)
   trained, _ = train.jit(functions.train_step)(state, data, indices, keys, 5)  # As train_and_evaluate compiles it.
-  images = input_pipeline.augment(data['image'][indices[5]], jax.random.fold_in(augment_key, 5), 2, True)
+  black = input_pipeline.black(config.dataset)
+  images = input_pipeline.augment(data['image'][indices[5]], jax.random.fold_in(augment_key, 5), 2, True, black)
   expected, _ = train.jit(train.train_step)(state, {'image': images, 'label': data['label'][indices[5]]})
   assert_trees_bitwise_equal(trained.params, expected.params)
 
@@ -481,14 +482,46 @@ def test_epoch_mode_refuses_a_cadence_inside_an_epoch(tmp_path):
 
 
 def test_sweep_model_k_is_the_single_run_with_seed_k(short_run, tmp_path):
-  _, seed0, _ = short_run
-  seed1, _ = train.train_and_evaluate(short_config(seed=1), str(tmp_path / 'seed1'))
-  sweep, metrics = train.train_and_evaluate(short_config(num_models=2), str(tmp_path / 'sweep'))
-  assert_trees_close(jax.tree.map(lambda p: p[0], sweep.params), seed0.params, atol=1e-5)
-  assert_trees_close(jax.tree.map(lambda p: p[1], sweep.params), seed1.params, atol=1e-5)
+  """The vmapped step is each model's own step; over a run, float rounding can route a max-pool gradient otherwise.
+
+  vmap sums in another order, and once a rounding difference decides which entry of a pooling window is the
+  maximum (or whether two tie), that step's gradient differs by more than rounding. Measured on this config: model 0
+  matched its single run to 3e-8 for 5 steps, then conv1's kernel differed by 1e-5 (by 1e-2 after 124 steps, with
+  train losses within 0.2%); model 1 stayed within 1.4e-7 to the end. So steps are compared to rounding, and the
+  whole run by its metrics.
+  """
+  batch_sharding = NamedSharding(train.device_mesh(), PartitionSpec('batch'))
+  data = jax.device_put(input_pipeline.load_split(short_config(), 'train'))
+
+  def params_after_each_step(config, num_steps=4):
+    functions = train.training_functions(config, 4000, batch_sharding)
+    state, (keys, indices) = train.create_initial_state(config, 62), functions.epoch_order(0)
+    for step in range(num_steps):
+      state, _ = train.jit(functions.train_step)(state, data, indices, keys, step)
+      yield state.params
+
+  sweep_config = short_config(num_models=2)
+  for sweep_params, *single_params in zip(
+    params_after_each_step(sweep_config),
+    params_after_each_step(short_config()),
+    params_after_each_step(short_config(seed=1)),
+    strict=True,
+  ):
+    for k, params in enumerate(single_params):
+      assert_trees_close(jax.tree.map(lambda p, k=k: p[k], sweep_params), params, atol=1e-6)
+
+  _, _, seed0_metrics = short_run
+  seed1, seed1_metrics = train.train_and_evaluate(short_config(seed=1), str(tmp_path / 'seed1'))
+  sweep, metrics = train.train_and_evaluate(sweep_config, str(tmp_path / 'sweep'))
   assert metrics['test_accuracy'].shape == (2,)
-  last_test_rows = [r for r in read_metrics(str(tmp_path / 'sweep')) if r['split'] == 'test' and r['step'] == 124]
-  assert [r['model'] for r in last_test_rows] == [0, 1]
+  rows = read_metrics(str(tmp_path / 'sweep'))
+  for k, (single_metrics, single_rows) in enumerate(
+    [(seed0_metrics, read_metrics(short_run[0])), (seed1_metrics, read_metrics(str(tmp_path / 'seed1')))]
+  ):
+    model_rows = [r for r in rows if r['model'] == k]
+    assert [(r['step'], r['split']) for r in model_rows] == [(r['step'], r['split']) for r in single_rows]
+    np.testing.assert_allclose([r['loss'] for r in model_rows], [r['loss'] for r in single_rows], rtol=1e-2)
+    assert metrics['test_accuracy'][k] == pytest.approx(single_metrics['test_accuracy'], abs=0.01)
   assert sorted(os.listdir(tmp_path / 'sweep' / 'model_1'))[0].startswith('events.out.tfevents')
 
 
