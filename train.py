@@ -460,6 +460,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   previous = None if latest_step is None else workdir_lib.load_config(workdir, latest_step)
   if previous is not None:  # Checked before a corrupt checkpoint could be set aside.
     _check_resumable(config, previous, workdir, latest_step)
+  if latest_step is not None and latest_step > total_steps:
+    raise ValueError(
+      f'The latest checkpoint in {workdir} is at step {latest_step}, past the {total_steps} steps of '
+      f'config.num_epochs={config.num_epochs}; set num_epochs >= {-(-latest_step // steps_per_epoch)} to resume it '
+      '(its parameters can be loaded with train.load_params), or use a new --workdir; nothing was changed.'
+    )
   # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
   if jax.process_count() > 1:  # Every host has listed the checkpoints before any could set a corrupt one aside.
     multihost_utils.sync_global_devices('tinycnn: checkpoints listed')
@@ -483,10 +489,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   # Placed as the compiled step takes it, rather than on one device and moved at every step.
   epoch_order = jax.jit(functions.epoch_order, out_shardings=replicated)
   compile_start = time.perf_counter()
-  if config.train_mode == 'epoch':
+  if config.train_mode == 'epoch' and start_step < total_steps:
     compiled_epoch = jit(functions.train_epoch, donate_argnums=0).lower(state, train_data, 0).compile()
   # A resumed epoch-mode run may start mid-epoch (from a step-mode checkpoint): it finishes that epoch by steps.
-  if config.train_mode == 'step' or start_step % steps_per_epoch:
+  if (config.train_mode == 'step' or start_step % steps_per_epoch) and start_step < total_steps:
     keys, indices = epoch_order(start_step // steps_per_epoch)
     compiled_step = jit(functions.train_step, donate_argnums=0).lower(state, train_data, indices, keys, 0).compile()
   compile_seconds = time.perf_counter() - compile_start

@@ -116,13 +116,24 @@ def test_finished_run_is_not_retrained(short_run, caplog):
   workdir, state, metrics = short_run
   before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
   rows = read_metrics(workdir)
-  again, again_metrics = train.train_and_evaluate(short_config(), workdir)
+  with caplog.at_level('INFO'):
+    again, again_metrics = train.train_and_evaluate(short_config(), workdir)
   assert 'learning-rate schedule' not in caplog.text
+  assert 'Time: compile 0.0 s, train 0.0 s' in caplog.text  # Nothing is left to train, so nothing is compiled.
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
   after = read_metrics(workdir)
   assert after[: len(rows)] == rows and all(r['split'] != 'train' for r in after[len(rows) :])  # No step retrained.
   assert_trees_bitwise_equal(again.params, state.params)
   assert again_metrics == metrics
+
+
+def test_resuming_past_num_epochs_is_refused(short_run, tmp_path):
+  workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
+  before = sorted(os.listdir(workdir))
+  # The checkpoint is at step 124, two epochs of 62: one epoch would end before it and return its state as if it had.
+  with pytest.raises(ValueError, match=r'at step 124, past the 62 steps of config\.num_epochs=1; set num_epochs >= 2'):
+    train.train_and_evaluate(short_config(num_epochs=1), workdir)
+  assert sorted(os.listdir(workdir)) == before  # No config saved, no metrics written.
 
 
 def wide_config():
