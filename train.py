@@ -96,27 +96,30 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   def fail(name, valid):
     raise ValueError(f'config.{name}={config[name]!r} is not valid; {valid}.')
 
+  def is_number(value):  # bool is an int, but not a setting's number.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+  def is_integer(value):
+    return is_number(value) and isinstance(value, int)
+
   if config.optimizer not in OPTIMIZERS:
     fail('optimizer', f'choose one of {OPTIMIZERS}')
   if config.schedule not in SCHEDULES:
     fail('schedule', f'choose one of {SCHEDULES}')
   for name in ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps', 'max_checkpoints_to_keep'):
-    if not isinstance(config[name], int) or config[name] < 1:
+    if not is_integer(config[name]) or config[name] < 1:
       fail(name, 'it must be an integer >= 1')
   for name in ('eval_every_steps', 'checkpoint_every_steps'):
-    if not isinstance(config[name], int) or config[name] < 0:
+    if not is_integer(config[name]) or config[name] < 0:
       fail(name, 'it must be an integer >= 0 (0 means once per epoch)')
-  if not isinstance(config.random_crop_padding, int) or config.random_crop_padding < 0:
+  if not is_integer(config.random_crop_padding) or config.random_crop_padding < 0:
     fail('random_crop_padding', 'it must be an integer >= 0, the most pixels an image moves (0: no shifts)')
 
   def is_learning_rate(value):  # Stored as float32, where 1e39 is already inf.
-    return isinstance(value, (int, float)) and 0 < value <= float(np.finfo(np.float32).max)
+    return is_number(value) and 0 < value <= float(np.finfo(np.float32).max)
 
   if not is_learning_rate(config.learning_rate):
     fail('learning_rate', 'it must be a finite float32 number > 0')
-
-  def is_number(value):  # bool is an int, but not a setting's number.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
   for name in ('weight_decay', 'grad_clip_norm', 'warmup_epochs'):
     if not (is_number(config[name]) and config[name] >= 0):
@@ -129,7 +132,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     fail('warmup_epochs', f"only schedule='warmup_cosine' warms up, not {config.schedule!r}")
   if config.train_mode not in TRAIN_MODES:
     fail('train_mode', f'choose one of {TRAIN_MODES}')
-  if not isinstance(config.num_models, int) or config.num_models < 1:
+  if not is_integer(config.num_models) or config.num_models < 1:
     fail('num_models', 'it must be an integer >= 1 (the number of models trained side by side with vmap)')
   if config.learning_rates and (
     config.num_models == 1

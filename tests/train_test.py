@@ -287,6 +287,7 @@ def test_nan_loss_stops_the_run_before_its_parameters_are_evaluated(tmp_path):
     ({'schedule': 'warmup_cosine'}, r'config\.warmup_epochs=0\.0 .* more than 0'),  # Else it is cosine.
     ({'warmup_epochs': 1.0}, r"config\.warmup_epochs=1\.0 .* only schedule='warmup_cosine' warms up, not 'cosine'"),
     ({'eval_every_steps': -1}, r'config\.eval_every_steps=-1 .* >= 0'),
+    ({'log_every_steps': True}, r'config\.log_every_steps=True .* integer >= 1'),  # bool is an int subclass.
   ],
 )
 def test_invalid_training_setting_is_named(overrides, message, tmp_path):
