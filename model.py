@@ -16,7 +16,6 @@ Two facts the code makes explicit:
    once fc1's kernel rows are permuted to match (see tests/model_test.py).
 """
 
-import collections
 import dataclasses
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -387,13 +386,10 @@ def init_params(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
   return model.init(rng, x)['params']
 
 
-def layer_shapes(config: ml_collections.ConfigDict) -> 'collections.OrderedDict[str, tuple[int, ...]]':
-  """Output shape of every layer for one example, from 'input' to the logits."""
+def layer_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+  """Output shape of every layer for one example, in order from 'input' to the logits."""
   _, outputs = _output_shapes(create_model(config), config.input_shape)
-  shapes = collections.OrderedDict(input=tuple(config.input_shape))
-  for name, value in outputs.items():
-    shapes[name] = tuple(value.shape[1:])
-  return shapes
+  return {'input': tuple(config.input_shape)} | {name: tuple(value.shape[1:]) for name, value in outputs.items()}
 
 
 class LayerInfo(NamedTuple):

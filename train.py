@@ -469,9 +469,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
       f'config.num_epochs={config.num_epochs}; set num_epochs >= {-(-latest_step // steps_per_epoch)} to resume it '
       '(its parameters can be loaded with train.load_params), or use a new --workdir; nothing was changed.'
     )
-  # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
   if jax.process_count() > 1:  # Every host has listed the checkpoints before any could set a corrupt one aside.
     multihost_utils.sync_global_devices('tinycnn: checkpoints listed')
+  # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
   restored = workdir_lib.restore_checkpoint(manager, _abstract(state, replicated), workdir, set_aside_corrupt=True)
   if restored is not None:
     # The peak learning rate is a hyperparameter in the optimiser state: the config's replaces the checkpoint's,

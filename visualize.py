@@ -163,7 +163,7 @@ def _draw_learning_curves(metrics: dict[str, dict[int, dict]]):
   for split, rows in sorted(metrics.items()):
     steps = sorted(rows)
     for ax, name in zip(axes, ('loss', 'accuracy'), strict=True):
-      ax.plot(steps, [rows[s][name] for s in steps], 'o-' if split == 'test' else '-', ms=3, label=split)
+      ax.plot(steps, [rows[s][name] for s in steps], '-' if split == 'train' else 'o-', ms=3, label=split)
   for ax, name in zip(axes, ('loss', 'accuracy'), strict=True):
     ax.set(xlabel='step', ylabel=name, title=name)
     ax.grid(alpha=0.3)
