@@ -13,11 +13,8 @@
 Every run trains exactly as `python train.py --config=configs/default.py` does (batch 64, adam 3e-3 cosine, each
 training digit shifted by up to a pixel), through train.py's own whole-epoch function, and the seeds of a comparison
 train side by side as one sweep (config.num_models); but for --num_epochs epochs, 3 by default rather than the
-default config's num_epochs, so that each experiment takes about a minute on two CPU cores. Measured with nothing
-else running, as reported by each run (wall time with imports in brackets): flatten, 3 single runs and 3 sweeps of
-5 seeds, 59 s (65 s); channels, 2 sweeps of 3 seeds, 59 s (65 s); invariance 29 s (35 s). Compiling each run's
-epoch function is most of it: with --num_epochs=2 they took 65, 48 and 23 s before training itself got 2-3x
-faster (benchmarks/README.md), which left these times nearly where they were.
+default config's num_epochs, so that each experiment takes about a minute on two CPU cores (each run prints its
+time; compiling each run's epoch function is most of it).
 """
 
 import functools
