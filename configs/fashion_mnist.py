@@ -1,6 +1,8 @@
 """Fashion-MNIST from tfds (needs the prepared dataset; see README), padded 28 -> 32.
 
 python train.py --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
+
+No result is given yet: tinycnn was built on machines with no network to download the dataset.
 """
 
 from configs import default

@@ -1,6 +1,8 @@
 """Full MNIST from tfds (needs the prepared dataset; see README), digits padded 28 -> 32 like LeNet-5.
 
 python train.py --config=configs/mnist.py --workdir=runs/mnist
+
+No result is given yet: tinycnn was built on machines with no network to download the dataset.
 """
 
 from configs import default

