@@ -73,9 +73,9 @@ def fit(config: ml_collections.ConfigDict, state, data: dict):
   Returns (state, batch loss per step [S, K]), where K = 1 for a single model.
   """
   mesh = train.device_mesh()
-  state, data = train.replicate((state, data), mesh)
+  state, data = train.place_replicated((state, data), mesh)
   functions = train.training_functions(config, len(data['label']), NamedSharding(mesh, PartitionSpec('batch')))
-  train_epoch = train.jit(functions.train_epoch, donate_argnums=0)
+  train_epoch = train.jit_with_xla_options(functions.train_epoch, donate_argnums=0)
   metrics = []
   for epoch in range(config.num_epochs):
     state, epoch_metrics = train_epoch(state, data, epoch)

@@ -289,7 +289,7 @@ def evaluate(eval_fn, params: dict, data: dict, batch_size: int) -> dict[str, np
   return summarize_metrics([eval_fn(params, batch) for batch in input_pipeline.eval_batches(data, batch_size)])
 
 
-def _abstract(tree, sharding: NamedSharding):
+def _restore_target(tree, sharding: NamedSharding):
   """Shapes and dtypes of `tree` placed with `sharding`: a restore target."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
@@ -299,7 +299,7 @@ def device_mesh() -> jax.sharding.Mesh:
   return jax.make_mesh((jax.device_count(),), ('batch',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def replicate(tree, mesh: jax.sharding.Mesh):
+def place_replicated(tree, mesh: jax.sharding.Mesh):
   """`tree`'s arrays placed whole on every device of `mesh`, each host's devices taking that host's own copy.
 
   The hosts must hold the same copies (the splits and initial state are functions of the config, given the same
@@ -327,7 +327,7 @@ def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, 
   """
   # Only the parameters are returned, so the schedule's length (steps per epoch) in this state does not matter.
   state = jax.eval_shape(lambda: create_initial_state(config, steps_per_epoch=1))
-  abstract_state = _abstract(state, NamedSharding(device_mesh(), PartitionSpec()))
+  abstract_state = _restore_target(state, NamedSharding(device_mesh(), PartitionSpec()))
   with workdir_lib.checkpoint_manager(workdir) as manager:
     state = workdir_lib.restore_checkpoint(manager, abstract_state, workdir, set_aside_corrupt=False)
   return None if state is None else (state.params, int(np.max(state.step)))
@@ -431,8 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
   # On the devices once: every epoch and every evaluation gathers its batches there.
-  train_data = replicate(input_pipeline.load_split(config, 'train'), mesh)
-  eval_data = replicate(input_pipeline.load_split(config, eval_split), mesh)
+  train_data = place_replicated(input_pipeline.load_split(config, 'train'), mesh)
+  eval_data = place_replicated(input_pipeline.load_split(config, eval_split), mesh)
   num_train = len(train_data['label'])
   input_pipeline.check_batch_size(config.batch_size, num_train)
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
@@ -457,7 +457,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   logging.info('Model (per example):\n%s', model.summary(config))
 
   sweep = config.num_models > 1
-  state = replicate(create_initial_state(config, steps_per_epoch), mesh)
+  state = place_replicated(create_initial_state(config, steps_per_epoch), mesh)
   manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
   latest_step = manager.latest_step()
   previous = None if latest_step is None else workdir_lib.load_config(workdir, latest_step)
@@ -472,7 +472,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   if jax.process_count() > 1:  # Every host has listed the checkpoints before any could set a corrupt one aside.
     multihost_utils.sync_global_devices('tinycnn: checkpoints listed')
   # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
-  restored = workdir_lib.restore_checkpoint(manager, _abstract(state, replicated), workdir, set_aside_corrupt=True)
+  restored = workdir_lib.restore_checkpoint(
+    manager, _restore_target(state, replicated), workdir, set_aside_corrupt=True
+  )
   if restored is not None:
     # The peak learning rate is a hyperparameter in the optimiser state: the config's replaces the checkpoint's,
     # so that a resumed run can lower it (config_step<N>.json records the change).
@@ -488,16 +490,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   eval_on_batch = functools.partial(eval_step, apply_fn=state.apply_fn)
   if sweep:
     eval_on_batch = jax.vmap(eval_on_batch, in_axes=(0, None))
-  eval_fn = jit(lambda params, batch: eval_on_batch(params, jax.lax.with_sharding_constraint(batch, batch_sharding)))
+  eval_fn = jit_with_xla_options(
+    lambda params, batch: eval_on_batch(params, jax.lax.with_sharding_constraint(batch, batch_sharding))
+  )
   # Placed as the compiled step takes it, rather than on one device and moved at every step.
   epoch_order = jax.jit(functions.epoch_order, out_shardings=replicated)
   compile_start = time.perf_counter()
   if config.train_mode == 'epoch' and start_step < total_steps:
-    compiled_epoch = jit(functions.train_epoch, donate_argnums=0).lower(state, train_data, 0).compile()
+    compiled_epoch = jit_with_xla_options(functions.train_epoch, donate_argnums=0).lower(state, train_data, 0).compile()
   # A resumed epoch-mode run may start mid-epoch (from a step-mode checkpoint): it finishes that epoch by steps.
   if (config.train_mode == 'step' or start_step % steps_per_epoch) and start_step < total_steps:
     keys, indices = epoch_order(start_step // steps_per_epoch)
-    compiled_step = jit(functions.train_step, donate_argnums=0).lower(state, train_data, indices, keys, 0).compile()
+    compiled_step = (
+      jit_with_xla_options(functions.train_step, donate_argnums=0).lower(state, train_data, indices, keys, 0).compile()
+    )
   compile_seconds = time.perf_counter() - compile_start
 
   writer = workdir_lib.MetricWriter(workdir, config.num_models)
@@ -593,7 +599,7 @@ def xla_compiler_options() -> dict[str, str]:
   return {'xla_cpu_experimental_ynn_fusion_type': ''} if jax.default_backend() == 'cpu' else {}
 
 
-def jit(fun: Callable, **jit_kwargs) -> Callable:
+def jit_with_xla_options(fun: Callable, **jit_kwargs) -> Callable:
   """jax.jit with `xla_compiler_options()`: how the training and evaluation programs are compiled."""
   return jax.jit(fun, compiler_options=xla_compiler_options(), **jit_kwargs)
 

@@ -31,7 +31,7 @@ def training_epoch(
   )  # fmt: skip
   rng = np.random.default_rng(0)
   mesh = train.device_mesh()
-  data = train.replicate(
+  data = train.place_replicated(
     {
       'image': rng.normal(size=(steps * batch_size, 32, 32, channels)).astype(np.float32),
       'label': rng.integers(0, 10, steps * batch_size).astype(np.int32),
@@ -39,13 +39,15 @@ def training_epoch(
     mesh,
   )
   functions = train.training_functions(config, steps * batch_size, NamedSharding(mesh, PartitionSpec('batch')))
-  state = train.replicate(train.create_initial_state(config, steps), mesh)
+  state = train.place_replicated(train.create_initial_state(config, steps), mesh)
   keys, indices = jax.jit(functions.epoch_order)(0)
   start = time.perf_counter()
   if mode == 'epoch':
-    compiled = train.jit(functions.train_epoch, donate_argnums=0).lower(state, data, 0).compile()
+    compiled = train.jit_with_xla_options(functions.train_epoch, donate_argnums=0).lower(state, data, 0).compile()
   else:
-    compiled = train.jit(functions.train_step, donate_argnums=0).lower(state, data, indices, keys, 0).compile()
+    compiled = (
+      train.jit_with_xla_options(functions.train_step, donate_argnums=0).lower(state, data, indices, keys, 0).compile()
+    )
   compile_seconds = time.perf_counter() - start
 
   def run() -> dict:

@@ -406,10 +406,14 @@ def test_each_step_trains_on_the_batch_of_its_seed_epoch_and_step():
     np.testing.assert_array_equal(indices, input_pipeline.shuffled_batch_indices(shuffle_key, 4000, config.batch_size))
   # Step 5 of epoch 1 is train_step on those examples, each shifted and mirrored with fold_in(augment_key, 5).
   state = train.create_train_state(config, jax.random.key(0), 62)
-  trained, _ = train.jit(functions.train_step)(state, data, indices, keys, 5)  # As train_and_evaluate compiles it.
+  trained, _ = train.jit_with_xla_options(functions.train_step)(
+    state, data, indices, keys, 5
+  )  # As train_and_evaluate compiles it.
   black = input_pipeline.black(config.dataset)
   images = input_pipeline.augment(data['image'][indices[5]], jax.random.fold_in(augment_key, 5), 2, True, black)
-  expected, _ = train.jit(train.train_step)(state, {'image': images, 'label': data['label'][indices[5]]})
+  expected, _ = train.jit_with_xla_options(train.train_step)(
+    state, {'image': images, 'label': data['label'][indices[5]]}
+  )
   assert_trees_bitwise_equal(trained.params, expected.params)
 
 
@@ -509,7 +513,7 @@ def test_sweep_model_k_is_the_single_run_with_seed_k(short_run, tmp_path):
     functions = train.training_functions(config, 4000, batch_sharding)
     state, (keys, indices) = train.create_initial_state(config, 62), functions.epoch_order(0)
     for step in range(num_steps):
-      state, _ = train.jit(functions.train_step)(state, data, indices, keys, step)
+      state, _ = train.jit_with_xla_options(functions.train_step)(state, data, indices, keys, step)
       yield state.params
 
   sweep_config = short_config(num_models=2)
@@ -661,17 +665,17 @@ import numpy as np
 import train
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 mesh = train.device_mesh()
-same = train.replicate({'x': np.arange(6.0)}, mesh)['x']
+same = train.place_replicated({'x': np.arange(6.0)}, mesh)['x']
 print(same.shape, same.sharding.is_fully_replicated, np.asarray(same.addressable_data(0)).tolist())
 try:
-  train.replicate({'x': np.arange(6.0) + jax.process_index()}, mesh)
+  train.place_replicated({'x': np.arange(6.0) + jax.process_index()}, mesh)
 except AssertionError as error:
   print(str(error).split(';')[0])
 """
 
 
 def test_hosts_with_different_copies_are_refused(tmp_path):
-  # replicate takes each host's copy as it is, so it compares them first, by a checksum per array.
+  # place_replicated takes each host's copy as it is, so it compares them first, by a checksum per array.
   for stdout, _ in run_two_processes(REPLICATE_SCRIPT, tmp_path):
     assert [line for line in stdout.splitlines() if not line.startswith('[Gloo]')] == [
       '(6,) True [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]',
@@ -724,8 +728,9 @@ def test_tune_cpu_runtime_lets_steps_reuse_their_buffers_without_page_faults():
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU compiler option')
 def test_cpu_training_step_is_compiled_without_ynnpack_fusions():
-  # XLA:CPU's default hands the step's dots to YNNPACK; train.jit, which compiles every training program, keeps them
-  # XLA's own (faster for these narrow matmuls). The option is experimental: this fails if XLA rejects or ignores it.
+  # XLA:CPU's default hands the step's dots to YNNPACK; train.jit_with_xla_options, which compiles every training
+  # program, keeps them XLA's own (faster for these narrow matmuls). The option is experimental: this fails if XLA
+  # rejects or ignores it.
   config = short_config()
   data = jax.device_put(input_pipeline.load_split(config, 'train'))
   functions = train.training_functions(config, 4000, NamedSharding(train.device_mesh(), PartitionSpec('batch')))
@@ -737,4 +742,4 @@ def test_cpu_training_step_is_compiled_without_ynnpack_fusions():
 
   if 'ynn_fusion' not in compiled_text(jax.jit):
     pytest.skip("this jaxlib's XLA:CPU makes no YNNPACK fusions of the step by default")
-  assert 'ynn_fusion' not in compiled_text(train.jit)
+  assert 'ynn_fusion' not in compiled_text(train.jit_with_xla_options)
