@@ -524,8 +524,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     )  # fmt: skip
     last_log_time, last_log_step = now, step
 
-  def finish_step(step, metrics, state):
-    """Logs, evaluates and checkpoints after `step` as the config's cadences ask."""
+  def finish_step(step, metrics, state, by_step):
+    """Logs, evaluates and checkpoints after `step` as the config's cadences ask (`by_step`: run as its own call)."""
     nonlocal pending, eval_seconds
     pending.append((step, metrics))
     is_last = step == total_steps
@@ -534,7 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
       train_metrics = summarize_metrics([m for _, m in pending])
       writer.write(step, 'train', train_metrics)
       pending = []
-      if config.train_mode == 'step':
+      if by_step:
         log_progress(step, train_metrics)
     if step % eval_every == 0 and not is_last:
       _check_finite(pending, learning_rates)  # Parameters a NaN step made are not evaluated, nor their metrics logged.
@@ -558,14 +558,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
         state, epoch_metrics = compiled_epoch(state, train_data, epoch)
         epoch_metrics = jax.device_get(epoch_metrics)
         for i in range(steps_per_epoch):
-          finish_step(first_step + i + 1, jax.tree.map(lambda m, i=i: m[i], epoch_metrics), state)
+          finish_step(first_step + i + 1, jax.tree.map(lambda m, i=i: m[i], epoch_metrics), state, by_step=False)
         # A whole epoch is one call, with no time between its steps: its progress line is once per epoch.
         log_progress(first_step + steps_per_epoch, summarize_metrics([jax.tree.map(lambda m: m.sum(0), epoch_metrics)]))
       else:
         keys, indices = epoch_order(epoch)
         for i in range(max(start_step - first_step, 0), steps_per_epoch):
           state, metrics = compiled_step(state, train_data, indices, keys, i)
-          finish_step(first_step + i + 1, metrics, state)
+          finish_step(first_step + i + 1, metrics, state, by_step=True)
     jax.block_until_ready(state)
     train_seconds = time.perf_counter() - loop_start - eval_seconds
     eval_start = time.perf_counter()

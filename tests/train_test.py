@@ -476,12 +476,15 @@ def test_epoch_mode_resumes_exactly_from_an_epoch_boundary(tmp_path):
   assert_trees_bitwise_equal(resumed.params, finished.params)
 
 
-def test_epoch_mode_resumes_a_step_mode_run_from_inside_an_epoch(short_run, tmp_path):
+def test_epoch_mode_resumes_a_step_mode_run_from_inside_an_epoch(short_run, tmp_path, caplog):
   workdir, state, _ = short_run
   interrupted = shutil.copytree(workdir, tmp_path / 'run')
   shutil.move(interrupted / 'checkpoints' / '124', tmp_path / 'set_aside')  # As if stopped at step 93 of 124.
-  resumed, _ = train.train_and_evaluate(short_config(train_mode='epoch', checkpoint_every_steps=62), str(interrupted))
+  with caplog.at_level('INFO'):
+    resumed, _ = train.train_and_evaluate(short_config(train_mode='epoch', checkpoint_every_steps=62), str(interrupted))
   assert_trees_close(resumed.params, state.params, atol=1e-6)  # Steps 94..124 by steps: epoch 2 had begun.
+  progress = [r.getMessage().split('/')[0] for r in caplog.records if ' train loss ' in r.getMessage()]
+  assert progress == ['step 100', 'step 120', 'step 124']  # Each log_every_steps, as step mode logs.
   assert os.path.exists(interrupted / 'config_step93.json')  # The changed train_mode is on record.
 
 
