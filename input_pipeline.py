@@ -203,9 +203,8 @@ def train_batch(
   """Batch `step` of an epoch ordered by `indices` [S, B]: {'image': [B, ...], 'label': [B]}.
 
   Augmented (see `augment`, which fills with `fill`) with fold_in(augment_key, step) when crop_padding > 0 or flip.
-  Pure and jittable
-  (`step` may be traced): the one definition of a training batch, used per step and inside a whole-epoch
-  `lax.scan` alike.
+  Pure and jittable (`step` may be traced): the one definition of a training batch, used per step and inside a
+  whole-epoch `lax.scan` alike.
   """
   batch = {'image': data['image'][indices[step]], 'label': data['label'][indices[step]]}
   if crop_padding or flip:
