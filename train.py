@@ -403,6 +403,45 @@ def _warn_if_the_schedule_moves(
     )  # fmt: skip
 
 
+def _resume_or_start(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  manager,
+  initial_state: train_state.TrainState,
+  steps_per_epoch: int,
+) -> train_state.TrainState:
+  """The latest checkpoint's state in `workdir`, once checked to be resumable with `config`; else `initial_state`.
+
+  The restored state takes its static fields (apply_fn, and tx with the schedule) and its peak learning rate from
+  `initial_state`: the peak is a hyperparameter in the optimiser state, so that a resumed run can lower it
+  (config_step<N>.json records the change). Raises ValueError, with nothing changed, if the checkpoint was made
+  with other batches or another model (`_check_resumable`) or lies past config.num_epochs.
+  """
+  latest_step = manager.latest_step()
+  if latest_step is not None:  # Checked before a corrupt checkpoint could be set aside.
+    previous = workdir_lib.load_config(workdir, latest_step)
+    if previous is not None:
+      _check_resumable(config, previous, workdir, latest_step)
+    total_steps = config.num_epochs * steps_per_epoch
+    if latest_step > total_steps:
+      raise ValueError(
+        f'The latest checkpoint in {workdir} is at step {latest_step}, past the {total_steps} steps of '
+        f'config.num_epochs={config.num_epochs}; set num_epochs >= {-(-latest_step // steps_per_epoch)} to resume '
+        'it (its parameters can be loaded with train.load_params), or use a new --workdir; nothing was changed.'
+      )
+  if jax.process_count() > 1:  # Every host has listed the checkpoints before any could set a corrupt one aside.
+    multihost_utils.sync_global_devices('tinycnn: checkpoints listed')
+  target = _restore_target(initial_state, NamedSharding(device_mesh(), PartitionSpec()))
+  restored = workdir_lib.restore_checkpoint(manager, target, workdir, set_aside_corrupt=True)
+  if restored is None:  # No checkpoint, or every one was corrupt and set aside.
+    return initial_state
+  state = restored.replace(opt_state=restored.opt_state._replace(hyperparams=initial_state.opt_state.hyperparams))
+  step = int(np.max(state.step))
+  logging.info('Resumed from the checkpoint at step %d.', step)
+  _warn_if_the_schedule_moves(config, workdir_lib.load_config(workdir, step), steps_per_epoch, step)
+  return state
+
+
 def _check_finite(pending: list[tuple[int, dict]], learning_rates: np.ndarray) -> None:
   """Raises NonFiniteLossError at the first step in `pending` whose loss (of any model) is NaN or Inf."""
   for step, metrics in pending:
@@ -459,30 +498,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   sweep = config.num_models > 1
   state = place_replicated(create_initial_state(config, steps_per_epoch), mesh)
   manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
-  latest_step = manager.latest_step()
-  previous = None if latest_step is None else workdir_lib.load_config(workdir, latest_step)
-  if previous is not None:  # Checked before a corrupt checkpoint could be set aside.
-    _check_resumable(config, previous, workdir, latest_step)
-  if latest_step is not None and latest_step > total_steps:
-    raise ValueError(
-      f'The latest checkpoint in {workdir} is at step {latest_step}, past the {total_steps} steps of '
-      f'config.num_epochs={config.num_epochs}; set num_epochs >= {-(-latest_step // steps_per_epoch)} to resume it '
-      '(its parameters can be loaded with train.load_params), or use a new --workdir; nothing was changed.'
-    )
-  if jax.process_count() > 1:  # Every host has listed the checkpoints before any could set a corrupt one aside.
-    multihost_utils.sync_global_devices('tinycnn: checkpoints listed')
-  # The restored state takes its static fields (apply_fn, and tx with the schedule) from this target.
-  restored = workdir_lib.restore_checkpoint(
-    manager, _restore_target(state, replicated), workdir, set_aside_corrupt=True
-  )
-  if restored is not None:
-    # The peak learning rate is a hyperparameter in the optimiser state: the config's replaces the checkpoint's,
-    # so that a resumed run can lower it (config_step<N>.json records the change).
-    state = restored.replace(opt_state=restored.opt_state._replace(hyperparams=state.opt_state.hyperparams))
-    logging.info('Resumed from the checkpoint at step %d.', int(np.max(state.step)))
+  state = _resume_or_start(config, workdir, manager, state, steps_per_epoch)
   start_step = int(np.max(state.step))
-  if restored is not None:
-    _warn_if_the_schedule_moves(config, workdir_lib.load_config(workdir, start_step), steps_per_epoch, start_step)
   workdir_lib.save_config(config, workdir, start_step)
   learning_rates = np.asarray(jax.device_get(state.opt_state.hyperparams['learning_rate'])).reshape(-1)
 
