@@ -513,14 +513,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   # Placed as the compiled step takes it, rather than on one device and moved at every step.
   epoch_order = jax.jit(functions.epoch_order, out_shardings=replicated)
   compile_start = time.perf_counter()
-  if config.train_mode == 'epoch' and start_step < total_steps:
-    compiled_epoch = jit_with_xla_options(functions.train_epoch, donate_argnums=0).lower(state, train_data, 0).compile()
-  # A resumed epoch-mode run may start mid-epoch (from a step-mode checkpoint): it finishes that epoch by steps.
-  if (config.train_mode == 'step' or start_step % steps_per_epoch) and start_step < total_steps:
-    keys, indices = epoch_order(start_step // steps_per_epoch)
-    compiled_step = (
-      jit_with_xla_options(functions.train_step, donate_argnums=0).lower(state, train_data, indices, keys, 0).compile()
-    )
+  if start_step < total_steps:  # A finished run is only evaluated.
+    if config.train_mode == 'epoch':
+      jitted_epoch = jit_with_xla_options(functions.train_epoch, donate_argnums=0)
+      compiled_epoch = jitted_epoch.lower(state, train_data, 0).compile()
+    # A resumed epoch-mode run may start mid-epoch (from a step-mode checkpoint): it finishes that epoch by steps.
+    if config.train_mode == 'step' or start_step % steps_per_epoch:
+      keys, indices = epoch_order(start_step // steps_per_epoch)
+      jitted_step = jit_with_xla_options(functions.train_step, donate_argnums=0)
+      compiled_step = jitted_step.lower(state, train_data, indices, keys, 0).compile()
   compile_seconds = time.perf_counter() - compile_start
 
   writer = workdir_lib.MetricWriter(workdir, config.num_models)

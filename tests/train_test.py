@@ -406,14 +406,11 @@ def test_each_step_trains_on_the_batch_of_its_seed_epoch_and_step():
     np.testing.assert_array_equal(indices, input_pipeline.shuffled_batch_indices(shuffle_key, 4000, config.batch_size))
   # Step 5 of epoch 1 is train_step on those examples, each shifted and mirrored with fold_in(augment_key, 5).
   state = train.create_train_state(config, jax.random.key(0), 62)
-  trained, _ = train.jit_with_xla_options(functions.train_step)(
-    state, data, indices, keys, 5
-  )  # As train_and_evaluate compiles it.
+  jit = train.jit_with_xla_options  # As train_and_evaluate compiles them.
+  trained, _ = jit(functions.train_step)(state, data, indices, keys, 5)
   black = input_pipeline.black(config.dataset)
   images = input_pipeline.augment(data['image'][indices[5]], jax.random.fold_in(augment_key, 5), 2, True, black)
-  expected, _ = train.jit_with_xla_options(train.train_step)(
-    state, {'image': images, 'label': data['label'][indices[5]]}
-  )
+  expected, _ = jit(train.train_step)(state, {'image': images, 'label': data['label'][indices[5]]})
   assert_trees_bitwise_equal(trained.params, expected.params)
 
 
@@ -515,8 +512,9 @@ def test_sweep_model_k_is_the_single_run_with_seed_k(short_run, tmp_path):
   def params_after_each_step(config, num_steps=4):
     functions = train.training_functions(config, 4000, batch_sharding)
     state, (keys, indices) = train.create_initial_state(config, 62), functions.epoch_order(0)
+    train_step = train.jit_with_xla_options(functions.train_step)
     for step in range(num_steps):
-      state, _ = train.jit_with_xla_options(functions.train_step)(state, data, indices, keys, step)
+      state, _ = train_step(state, data, indices, keys, step)
       yield state.params
 
   sweep_config = short_config(num_models=2)
@@ -530,8 +528,8 @@ def test_sweep_model_k_is_the_single_run_with_seed_k(short_run, tmp_path):
       assert_trees_close(jax.tree.map(lambda p, k=k: p[k], sweep_params), params, atol=1e-6)
 
   _, _, seed0_metrics = short_run
-  seed1, seed1_metrics = train.train_and_evaluate(short_config(seed=1), str(tmp_path / 'seed1'))
-  sweep, metrics = train.train_and_evaluate(sweep_config, str(tmp_path / 'sweep'))
+  _, seed1_metrics = train.train_and_evaluate(short_config(seed=1), str(tmp_path / 'seed1'))
+  _, metrics = train.train_and_evaluate(sweep_config, str(tmp_path / 'sweep'))
   assert metrics['test_accuracy'].shape == (2,)
   rows = read_metrics(str(tmp_path / 'sweep'))
   for k, (single_metrics, single_rows) in enumerate(
