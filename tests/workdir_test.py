@@ -3,6 +3,9 @@
 import json
 import os
 
+import numpy as np
+from tensorboard.backend.event_processing import event_accumulator
+
 import workdir
 from configs import default
 
@@ -35,6 +38,43 @@ def test_the_last_saved_config_is_the_latest_runs(tmp_path):
   names = [os.path.basename(path) for path in workdir.saved_configs(str(tmp_path))]
   assert names == ['config.json', 'config_step0.json', 'config_step2_2.json', 'config_step10.json']
   assert json.loads((tmp_path / 'config_step0.json').read_text())['model']['conv_features'] == [12, 24]
+
+
+def test_load_config_is_the_latest_run_before_the_checkpoint(tmp_path):
+  for learning_rate, step in ((0.1, 0), (0.2, 62), (0.3, 124)):
+    config = default.get_config()
+    config.learning_rate = learning_rate
+    workdir.save_config(config, str(tmp_path), step)
+  assert workdir.load_config(str(tmp_path)).learning_rate == 0.3
+  assert workdir.load_config(str(tmp_path), 124).learning_rate == 0.2  # The run that made checkpoint 124.
+  assert workdir.load_config(str(tmp_path), 62).learning_rate == 0.1
+  assert workdir.load_config(str(tmp_path), 0) is None
+  assert workdir.load_config(str(tmp_path), 200).model.conv_features == (3, 6)  # Tuples again, as in a config.
+
+
+def read_metrics(directory):
+  return [json.loads(line) for line in (directory / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_a_sweep_writes_each_models_own_values(tmp_path):
+  writer = workdir.MetricWriter(str(tmp_path), num_models=2)
+  writer.write(5, 'test', {'loss': np.array([0.5, 1.5]), 'accuracy': np.array([0.875, 0.625])})
+  writer.close()
+  assert read_metrics(tmp_path) == [
+    {'step': 5, 'split': 'test', 'model': 0, 'loss': 0.5, 'accuracy': 0.875},
+    {'step': 5, 'split': 'test', 'model': 1, 'loss': 1.5, 'accuracy': 0.625},
+  ]
+  events = event_accumulator.EventAccumulator(str(tmp_path / 'model_1'))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars('test/loss')] == [(5, 1.5)]
+
+
+def test_metrics_append_to_an_empty_file(tmp_path):
+  (tmp_path / 'metrics.jsonl').write_text('')  # As a run stopped before its first row leaves it.
+  writer = workdir.MetricWriter(str(tmp_path))
+  writer.write(1, 'train', {'loss': 2.0})
+  writer.close()
+  assert read_metrics(tmp_path) == [{'step': 1, 'split': 'train', 'loss': 2.0}]
 
 
 def test_metrics_resume_on_a_fresh_line_after_a_partial_one(tmp_path):
