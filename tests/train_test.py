@@ -35,6 +35,11 @@ def short_config(**overrides):
   return config
 
 
+# 4,000 digits at batch 500: 8 steps an epoch, 16 in all (a run of seconds).
+def tiny_config(**overrides):
+  return short_config(batch_size=500, **overrides)
+
+
 def read_metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
@@ -121,8 +126,7 @@ def test_finished_run_is_not_retrained(short_run, caplog):
   assert 'learning-rate schedule' not in caplog.text
   assert 'Time: compile 0.0 s, train 0.0 s' in caplog.text  # Nothing is left to train, so nothing is compiled.
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
-  after = read_metrics(workdir)
-  assert after[: len(rows)] == rows and all(r['split'] != 'train' for r in after[len(rows) :])  # No step retrained.
+  assert read_metrics(workdir) == rows  # Evaluated again, but no step retrained and no metrics row written.
   assert_trees_bitwise_equal(again.params, state.params)
   assert again_metrics == metrics
 
@@ -171,6 +175,13 @@ def test_resuming_with_other_batches_is_refused(short_run, tmp_path, setting, va
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(short_config(**{setting: value}), workdir)
   assert sorted(os.listdir(workdir)) == before  # No config saved, no metrics written.
+
+
+def test_resuming_on_another_dataset_is_refused():
+  # The check train_and_evaluate makes before restoring (a whole run on mnist would need the network).
+  message = r"step 124 in /run .* config\.dataset='mnist' \(that run: 'embedded_mnist'\)\. Set them back"
+  with pytest.raises(ValueError, match=message):
+    train._check_resumable(short_config(dataset='mnist'), short_config(), '/run', 124)
 
 
 def test_resuming_with_a_model_of_the_same_shapes_is_refused(short_run, tmp_path):
@@ -246,6 +257,37 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run,
   assert_trees_bitwise_equal(resumed.params, state.params)  # Steps 94..124 were retrained exactly.
 
 
+def test_a_run_resumed_before_a_corrupt_checkpoint_records_its_config_and_checkpoints_again(tmp_path):
+  train.train_and_evaluate(tiny_config(checkpoint_every_steps=5), str(tmp_path))  # Checkpoints 10, 15 and 16.
+  truncate_every_file(str(tmp_path / 'checkpoints' / '16'))
+  resumed, _ = train.train_and_evaluate(tiny_config(checkpoint_every_steps=5, learning_rate=1e-3), str(tmp_path))
+  assert os.path.exists(tmp_path / 'config_step15.json')  # It resumed at step 15, with another learning rate,
+  assert workdir_lib.load_config(str(tmp_path), 16).learning_rate == 1e-3  # which made the new checkpoint 16.
+  params, step = train.load_params(tiny_config(), str(tmp_path))
+  assert step == 16
+  assert_trees_bitwise_equal(params, resumed.params)
+
+
+def test_an_unreadable_checkpoint_is_set_aside_by_training_only_and_two_stop_it(tmp_path):
+  config = tiny_config(checkpoint_every_steps=5)
+  train.train_and_evaluate(config, str(tmp_path))  # Checkpoints 10, 15 and 16.
+  truncate_every_file(str(tmp_path / 'checkpoints' / '16'))
+  with pytest.raises(RuntimeError, match=r'checkpoint at step 16 .* cannot be read'):
+    train.load_params(config, str(tmp_path))  # Reading a workdir moves nothing.
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10', '15', '16']
+  assert not os.path.exists(tmp_path / 'corrupt_checkpoints')
+  truncate_every_file(str(tmp_path / 'checkpoints' / '15'))
+  with pytest.raises(RuntimeError, match=r'checkpoint at step 15 .* Checkpoint 16 was unreadable too'):
+    train.train_and_evaluate(config, str(tmp_path))  # Two in a row: not one interrupted write, so it stops.
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10', '15']
+  assert os.listdir(tmp_path / 'corrupt_checkpoints') == ['16']
+
+
+def test_load_params_of_a_workdir_without_checkpoints_is_none_and_creates_nothing(tmp_path):
+  assert train.load_params(short_config(), str(tmp_path)) is None
+  assert os.listdir(tmp_path) == []
+
+
 def test_nan_loss_stops_the_run_before_its_step_is_checkpointed(tmp_path):
   # Adam's first step moves every parameter by about the learning rate: 1e30 overflows the logits at step 2.
   config = short_config(schedule='constant', learning_rate=1e30, checkpoint_every_steps=1)
@@ -265,6 +307,25 @@ def test_nan_loss_stops_the_run_before_its_parameters_are_evaluated(tmp_path):
   with pytest.raises(train.NonFiniteLossError, match=r'became (nan|inf) at step [1-5]; any checkpoints before'):
     train.train_and_evaluate(config, str(tmp_path))
   assert read_metrics(str(tmp_path)) == []  # No NaN test row.
+
+
+def test_an_infinite_loss_stops_the_run_like_nan():
+  pending = [(7, {'loss_sum': np.float32(2.3)}), (8, {'loss_sum': np.float32(np.inf)})]
+  with pytest.raises(train.NonFiniteLossError, match=r'loss became inf at step 8;'):
+    train._check_finite(pending, np.array([1e-3]))
+  sweep = [(9, {'loss_sum': np.array([2.3, -np.inf], np.float32)})]
+  with pytest.raises(train.NonFiniteLossError, match=r'of model 1 \(learning rate 0\.5\) became -inf at step 9;'):
+    train._check_finite(sweep, np.array([1e-3, 0.5]))
+
+
+@pytest.mark.parametrize(
+  'every, checkpoints, evaluations',
+  [(0, [8, 16], [8, 16]), (5, [10, 15, 16], [5, 10, 15, 16])],  # 0: once an epoch. The last step always.
+)
+def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpoints, evaluations):
+  train.train_and_evaluate(tiny_config(eval_every_steps=every, checkpoint_every_steps=every), str(tmp_path))
+  assert sorted(int(step) for step in os.listdir(tmp_path / 'checkpoints')) == checkpoints  # The newest 3.
+  assert [r['step'] for r in read_metrics(str(tmp_path)) if r['split'] == 'test'] == evaluations
 
 
 @pytest.mark.parametrize(
@@ -288,12 +349,26 @@ def test_nan_loss_stops_the_run_before_its_parameters_are_evaluated(tmp_path):
     ({'warmup_epochs': 1.0}, r"config\.warmup_epochs=1\.0 .* only schedule='warmup_cosine' warms up, not 'cosine'"),
     ({'eval_every_steps': -1}, r'config\.eval_every_steps=-1 .* >= 0'),
     ({'log_every_steps': True}, r'config\.log_every_steps=True .* integer >= 1'),  # bool is an int subclass.
+    ({'checkpoint_every_steps': -1}, r'config\.checkpoint_every_steps=-1 .* >= 0'),
+    ({'max_checkpoints_to_keep': 0}, r'config\.max_checkpoints_to_keep=0 .* integer >= 1'),
+    ({'num_models': 0}, r'config\.num_models=0 .* integer >= 1'),
+    ({'num_models': 2, 'learning_rates': (0.1,)}, r'config\.learning_rates=\(0\.1,\) .* one finite .*\(num_models=2;'),
+    ({'model': {'pool': 'median'}}, r"model\.pool='median' is not valid"),
   ],
 )
 def test_invalid_training_setting_is_named(overrides, message, tmp_path):
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(short_config(**overrides), str(tmp_path))
-  assert not os.listdir(tmp_path)  # Refused before any work.
+    train.train_and_evaluate(short_config(**overrides), str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')  # Refused before any work: not even the workdir is made.
+
+
+def test_the_edge_values_of_each_setting_are_valid():
+  for overrides in (
+    {'random_crop_padding': 0},
+    {'eval_every_steps': 0, 'checkpoint_every_steps': 0},
+    {'optimizer': 'momentum', 'momentum': 0.0, 'weight_decay': 0.0, 'grad_clip_norm': 0.0},
+  ):
+    train.check_config(short_config(**overrides))
 
 
 @pytest.mark.parametrize(
@@ -492,9 +567,17 @@ def test_a_warmup_shorter_than_a_step_is_refused(tmp_path):
   assert not os.path.exists(tmp_path / 'run')
 
 
-def test_epoch_mode_refuses_a_cadence_inside_an_epoch(tmp_path):
-  with pytest.raises(ValueError, match=r'config\.checkpoint_every_steps=31 .* multiple of the 62 steps of an epoch'):
-    train.train_and_evaluate(short_config(train_mode='epoch'), str(tmp_path))
+@pytest.mark.parametrize(
+  'cadences, setting',
+  [
+    ({}, 'checkpoint_every_steps=31'),
+    ({'eval_every_steps': 31, 'checkpoint_every_steps': 62}, 'eval_every_steps=31'),
+  ],
+)
+def test_epoch_mode_refuses_a_cadence_inside_an_epoch(tmp_path, cadences, setting):
+  with pytest.raises(ValueError, match=rf'config\.{setting} .* multiple of the 62 steps of an epoch'):
+    train.train_and_evaluate(short_config(train_mode='epoch', **cadences), str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
 
 
 def test_sweep_model_k_is_the_single_run_with_seed_k(short_run, tmp_path):
@@ -540,6 +623,20 @@ def test_sweep_model_k_is_the_single_run_with_seed_k(short_run, tmp_path):
     np.testing.assert_allclose([r['loss'] for r in model_rows], [r['loss'] for r in single_rows], rtol=1e-2)
     assert metrics['test_accuracy'][k] == pytest.approx(single_metrics['test_accuracy'], abs=0.01)
   assert sorted(os.listdir(tmp_path / 'sweep' / 'model_1'))[0].startswith('events.out.tfevents')
+
+
+def test_sweep_model_k_starts_and_shuffles_as_the_single_run_with_seed_plus_k():
+  sharding = NamedSharding(train.device_mesh(), PartitionSpec('batch'))
+  config = short_config(seed=3, num_models=2)
+  sweep = train.create_initial_state(config, 62)
+  sweep_keys, sweep_indices = train.training_functions(config, 4000, sharding).epoch_order(1)
+  for k in range(2):
+    single_config = short_config(seed=3 + k)
+    single = train.create_initial_state(single_config, 62)
+    assert_trees_bitwise_equal(jax.tree.map(lambda p, k=k: p[k], sweep.params), single.params)
+    keys, indices = train.training_functions(single_config, 4000, sharding).epoch_order(1)
+    np.testing.assert_array_equal(sweep_indices[k], indices)
+    np.testing.assert_array_equal(jax.random.key_data(sweep_keys[k]), jax.random.key_data(keys))
 
 
 def test_sweep_gives_each_model_its_learning_rate(tmp_path):
