@@ -651,6 +651,18 @@ def _fmt(value: np.ndarray) -> str:
   return np.array2string(np.asarray(value), precision=4, floatmode='fixed', separator=' ')
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a --config.<field> the config lacks reported as a usage error, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except AttributeError as error:
+    missing_key = error.args[0] if error.args else None
+    if not isinstance(missing_key, KeyError):  # Not ml_collections' error for a missing field.
+      raise
+    # Its text names the field, and the nearest one the config has: "'pol'\nDid you mean "pool" instead of "pol"?"
+    sys.exit(f'FATAL Flags parsing error: the config has no field {missing_key.args[0]}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -673,4 +685,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('num_processes', None, 'With --multihost: how many processes the run has.', lower_bound=1)
   flags.DEFINE_integer('process_id', None, 'With --multihost: this process, 0 to num_processes - 1.', lower_bound=0)
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -781,13 +781,21 @@ def test_hosts_with_different_copies_are_refused(tmp_path):
     ]
 
 
-def test_process_flags_without_multihost_are_refused(tmp_path):
+@pytest.mark.parametrize(
+  'flag, message',
+  [
+    ('--num_processes=2', '--coordinator_address/--num_processes/--process_id join the processes of a --multihost run'),
+    ('--config.model.pol=avg', 'the config has no field \'pol\'\nDid you mean "pool" instead of "pol"?'),
+  ],
+  ids=['process_flags_without_multihost', 'mistyped_config_field'],
+)
+def test_bad_flags_are_refused_by_name_before_any_work(tmp_path, flag, message):
   result = subprocess.run(
-    [sys.executable, 'train.py', '--config=configs/default.py', f'--workdir={tmp_path / "run"}', '--num_processes=2'],
+    [sys.executable, 'train.py', '--config=configs/default.py', f'--workdir={tmp_path / "run"}', flag],
     cwd=REPO, capture_output=True, text=True,
   )  # fmt: skip
   assert result.returncode != 0
-  assert '--coordinator_address/--num_processes/--process_id join the processes of a --multihost run' in result.stderr
+  assert message in result.stderr and 'Traceback' not in result.stderr
   assert not (tmp_path / 'run').exists()
 
 
