@@ -593,10 +593,8 @@ def params_after_each_step(config, num_steps=4):
   mesh = train.device_mesh()
   data = train.place_replicated(input_pipeline.load_split(config, 'train'), mesh)
   functions = train.training_functions(config, 4000, NamedSharding(mesh, PartitionSpec('batch')))
-  state, (keys, indices) = (
-    train.place_replicated(train.create_initial_state(config, 62), mesh),
-    functions.epoch_order(0),
-  )
+  state = train.place_replicated(train.create_initial_state(config, 62), mesh)
+  keys, indices = functions.epoch_order(0)
   train_step = train.jit_with_xla_options(functions.train_step)
   for step in range(num_steps):
     state, _ = train_step(state, data, indices, keys, step)
