@@ -256,15 +256,17 @@ def test_load_split_errors(overrides, split, message):
     input_pipeline.load_split(_config(**overrides), split)
 
 
-def test_fewer_classes_than_the_labels_is_an_error(train_split, test_split):
+@pytest.mark.parametrize('num_classes', [5, 9])
+def test_fewer_classes_than_the_labels_is_an_error(train_split, test_split, num_classes):
   assert {train_split['label'].max(), test_split['label'].max()} == {input_pipeline.NUM_CLASSES - 1}
   config = _config()
-  config.model.num_classes = 5
-  with pytest.raises(ValueError, match=r'config.model.num_classes=5 is fewer than the 10 classes of embedded_mnist'):
+  config.model.num_classes = num_classes
+  message = rf'config.model.num_classes={num_classes} is fewer than the 10 classes of embedded_mnist'
+  with pytest.raises(ValueError, match=message):
     input_pipeline.load_split(config, 'train')
 
 
-@pytest.mark.parametrize('batch_size', [0, -1, 1001])
+@pytest.mark.parametrize('batch_size', [0, -1, 1001, 64.0])
 def test_bad_batch_size(batch_size):
   with pytest.raises(ValueError, match=f'config.batch_size={batch_size} is not valid.*from 1 to 1000'):
     input_pipeline.check_batch_size(batch_size, 1000)
@@ -295,6 +297,13 @@ def test_augment_draws_crops_and_flips_from_split_keys():
   np.testing.assert_array_equal(input_pipeline.augment(images, key, p, True, 0), expected)
 
 
+@pytest.mark.parametrize('batch_size', [0, 64.0])
+def test_bad_eval_batch_size(batch_size):
+  data = {'image': np.ones((50, 32, 32, 1), np.float32), 'label': np.full(50, 7, np.int32)}
+  with pytest.raises(ValueError, match=f'batch_size={batch_size} is not valid for evaluation; .* integer >= 1'):
+    next(input_pipeline.eval_batches(data, batch_size))
+
+
 def test_eval_padding_has_zero_labels():
   data = {'image': np.ones((50, 32, 32, 1), np.float32), 'label': np.full(50, 7, np.int32)}
   (batch,) = list(input_pipeline.eval_batches(data, 64))
@@ -306,9 +315,10 @@ def test_a_batch_may_be_the_whole_split_or_one_example():
   input_pipeline.check_batch_size(1, 1000)
 
 
-def test_images_of_another_size_than_the_dataset_stores_are_refused(monkeypatch):
+@pytest.mark.parametrize('height, width', [(32, 32), (28, 32)])
+def test_images_of_another_size_than_the_dataset_stores_are_refused(monkeypatch, height, width):
   # The normalisation and the black a shift fills with are those of the stored size (28x28 digits, padded to 32).
-  uint8_images = np.zeros((4, 32, 32, 1), np.uint8)
+  uint8_images = np.zeros((4, height, width, 1), np.uint8)
   monkeypatch.setattr(input_pipeline, '_read_tfds', lambda *args: (uint8_images, np.zeros(4, np.int32)))
-  with pytest.raises(ValueError, match=r'The mnist images read are \(32, 32\), not the 28x28 it stores'):
+  with pytest.raises(ValueError, match=rf'The mnist images read are \({height}, {width}\), not the 28x28 it stores'):
     input_pipeline.load_split(_config(dataset='mnist'), 'test')
