@@ -332,6 +332,13 @@ class ValidationTest(parameterized.TestCase):
     with pytest.raises(ValueError, match=rf'model\.pool_window=2 does not divide the {conv2_output} output of conv2\.'):
       model.layer_shapes(config)
 
+  @parameterized.parameters(((32, 4, 1), '32x4'), ((4, 32, 1), '4x32'))
+  def test_the_kernel_must_fit_both_sides(self, shape, size):
+    config = make_config()
+    config.input_shape = shape
+    with pytest.raises(ValueError, match=rf'model\.kernel_size=5 is larger than the {size} input of conv1\.'):
+      model.layer_shapes(config)
+
   def test_non_square_input(self):
     config = make_config()
     config.input_shape = (32, 36, 1)
