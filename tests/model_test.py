@@ -1,6 +1,7 @@
 """The network's shapes, its two facts and its validation, checked against independent computations."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -331,6 +332,13 @@ class ValidationTest(parameterized.TestCase):
     config.input_shape = shape
     with pytest.raises(ValueError, match=rf'model\.pool_window=2 does not divide the {conv2_output} output of conv2\.'):
       model.layer_shapes(config)
+
+  @parameterized.parameters((32, 32, 1), (1, 1, 32, 32, 1))
+  def test_images_must_be_a_batch(self, *shape):
+    config = make_config()
+    params = model.init_params(config, jax.random.key(0))
+    with pytest.raises(ValueError, match=re.escape(f'CNN expects images [B, H, W, C]; got an array of shape {shape}')):
+      model.create_model(config).apply({'params': params}, jnp.zeros(shape))
 
   @parameterized.parameters(((32, 4, 1), '32x4'), ((4, 32, 1), '4x32'))
   def test_the_kernel_must_fit_both_sides(self, shape, size):
