@@ -285,7 +285,13 @@ def training_functions(
 
 
 def evaluate(eval_fn, params: dict, data: dict, batch_size: int) -> dict[str, np.ndarray]:
-  """Exact loss and accuracy over every example of `data` ([K] arrays for a sweep of K models)."""
+  """Exact loss and accuracy over every example of `data` ([K] arrays for a sweep of K models).
+
+  Batches of `batch_size` (a multiple of the device count), but no larger than the split rounded up to one: padding
+  a 1,000-example split to a batch of 100,000 would cost 100x the compute, for the same metrics.
+  """
+  num_devices = jax.device_count()
+  batch_size = min(batch_size, -(-len(data['label']) // num_devices) * num_devices)
   return summarize_metrics([eval_fn(params, batch) for batch in input_pipeline.eval_batches(data, batch_size)])
 
 

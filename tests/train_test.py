@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tensorboard.backend.event_processing import event_accumulator
 
 import input_pipeline
+import model
 import train
 import workdir as workdir_lib
 from configs import default, wide
@@ -463,6 +464,25 @@ def test_compute_metrics_counts_only_unmasked_examples():
   assert (int(metrics['correct']), int(metrics['count'])) == (2, 3)
   expected_loss = float(np.sum(optax.softmax_cross_entropy_with_integer_labels(logits[:3], labels[:3])))
   assert float(metrics['loss_sum']) == pytest.approx(expected_loss)
+
+
+def test_an_eval_batch_larger_than_the_split_is_cut_to_the_split():
+  config = short_config()
+  data = input_pipeline.load_split(config, 'test')  # 1,000 digits.
+  params = train.create_initial_state(config, 62).params
+  jitted = jax.jit(functools.partial(train.eval_step, apply_fn=model.create_model(config).apply))
+  batch_sizes = []
+
+  def eval_fn(params, batch):
+    batch_sizes.append(len(batch['label']))
+    return jitted(params, batch)
+
+  whole = train.evaluate(eval_fn, params, data, 100_000)
+  assert batch_sizes == [1000]
+  in_batches = train.evaluate(eval_fn, params, data, 512)
+  assert batch_sizes[1:] == [512, 512]
+  assert whole['accuracy'] == in_batches['accuracy']
+  assert whole['loss'] == pytest.approx(in_batches['loss'], rel=1e-6)
 
 
 def run_train_py(workdir, *flags):
