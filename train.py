@@ -642,10 +642,12 @@ def tune_cpu_runtime() -> None:
     same reuse, cost 26-126 lock waits per step against 10-22, and step mode now runs 1.07-1.22x faster than it
     did then at B=128 and 512 (medians of four alternating runs, benchmarks/README.md).
   They change the whole process, so only entry points call this (main below, explain.py, the benchmarks), before
-  the first computation: JAX reads the dispatch setting when it creates its CPU client.
+  the first computation: JAX reads the dispatch setting when it creates its CPU client. The malloc thresholds are
+  set only when the CPU runs the steps: a GPU or TPU run's host memory is returned to the OS as usual. Finding the
+  backend starts it, so a multi-host run calls this after `jax.distributed.initialize`.
   """
   jax.config.update('jax_cpu_enable_async_dispatch', False)
-  if sys.platform.startswith('linux'):
+  if jax.default_backend() == 'cpu' and sys.platform.startswith('linux'):
     mallopt = getattr(ctypes.CDLL(None), 'mallopt', None)  # glibc's; musl's is a no-op.
     if mallopt is not None:
       trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD from <malloc.h>.
@@ -673,12 +675,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   workdir_lib.quiet_orbax_logging()
-  tune_cpu_runtime()
   launch = {name: flags.FLAGS[name].value for name in ('coordinator_address', 'num_processes', 'process_id')}
   if flags.FLAGS.multihost:
     jax.distributed.initialize(**launch)  # Unset ones are found on Cloud TPU, SLURM, Open MPI or Kubernetes.
   elif any(value is not None for value in launch.values()):
     raise app.UsageError(f'--{"/--".join(launch)} join the processes of a --multihost run; add --multihost.')
+  tune_cpu_runtime()
   train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

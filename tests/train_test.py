@@ -855,6 +855,34 @@ def test_tune_cpu_runtime_lets_steps_reuse_their_buffers_without_page_faults():
   assert int(result.stdout) < 100
 
 
+MALLOPT_CALLS_SCRIPT = """
+import ctypes, sys
+import jax
+import train
+calls = []
+class Libc:
+  def mallopt(self, *args):
+    calls.append(args)
+ctypes.CDLL = lambda name: Libc()
+jax.default_backend = lambda: sys.argv[1]
+train.tune_cpu_runtime()
+print(calls)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc')
+@pytest.mark.parametrize(
+  'backend, calls', [('cpu', [(-3, 1 << 30), (-1, 1 << 30)]), ('gpu', []), ('tpu', [])]
+)  # fmt: skip
+def test_tune_cpu_runtime_sets_malloc_thresholds_only_for_cpu_steps(backend, calls):
+  # (M_MMAP_THRESHOLD, 1 GiB) and (M_TRIM_THRESHOLD, 1 GiB): a GPU or TPU run keeps glibc's defaults, and so
+  # returns freed host memory to the OS.
+  script = [sys.executable, '-c', MALLOPT_CALLS_SCRIPT, backend]
+  result = subprocess.run(script, cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == str(calls)
+
+
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU compiler option')
 def test_cpu_training_step_is_compiled_without_ynnpack_fusions():
   # XLA:CPU's default hands the step's dots to YNNPACK; train.jit_with_xla_options, which compiles every training
