@@ -159,7 +159,13 @@ def load_config(workdir: str, checkpoint_step: int | None = None) -> ml_collecti
   if not saved:
     return None
   with open(saved[-1]) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+    try:
+      return ml_collections.ConfigDict(_tuples(json.load(f)))
+    except ValueError as error:  # json's JSONDecodeError is one.
+      raise ValueError(
+        f'{saved[-1]} cannot be read as a saved config ({error}); it was left untouched. Repair it, or move it out '
+        'of the workdir to resume without comparing the config with the run that made the checkpoint.'
+      ) from error
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
@@ -182,8 +188,9 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> N
   path = next(path for path in (os.path.join(workdir, name) for name in names) if not os.path.exists(path))
   if saved:
     logging.warning('The config differs from %s; saving this one as %s.', saved[-1], path)
-  with open(path, 'w') as f:
+  with open(f'{path}.tmp', 'w') as f:
     f.write(text)
+  os.replace(f'{path}.tmp', path)  # Whole or not at all: a run killed mid-write leaves no half-written config.
 
 
 class MetricWriter:

@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 import workdir
@@ -25,6 +26,30 @@ def test_each_change_of_config_is_saved_and_none_is_overwritten(tmp_path):
   }
   latest = [os.path.basename(path) for path in workdir.saved_configs(str(tmp_path))]
   assert latest == ['config.json', 'config_step62.json', 'config_step62_2.json', 'config_step62_3.json']
+
+
+def test_a_config_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+  workdir.save_config(default.get_config(), str(tmp_path), 0)
+  changed = default.get_config()
+  changed.learning_rate = 0.1
+
+  def killed(source, destination):
+    raise SystemExit('killed')  # The run stops after writing the text, before it takes its name.
+
+  monkeypatch.setattr(os, 'replace', killed)
+  with pytest.raises(SystemExit):
+    workdir.save_config(changed, str(tmp_path), 62)
+  assert [os.path.basename(path) for path in workdir.saved_configs(str(tmp_path))] == ['config.json']
+  assert workdir.load_config(str(tmp_path)).learning_rate == default.get_config().learning_rate
+
+
+def test_a_damaged_config_is_named_and_left_untouched(tmp_path):
+  workdir.save_config(default.get_config(), str(tmp_path), 0)
+  damaged = (tmp_path / 'config.json').read_text()[:100]
+  (tmp_path / 'config.json').write_text(damaged)
+  with pytest.raises(ValueError, match=r'config\.json cannot be read as a saved config \(.*\); it was left untouched'):
+    workdir.load_config(str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == damaged
 
 
 def test_the_last_saved_config_is_the_latest_runs(tmp_path):
