@@ -9,11 +9,13 @@ The workdir holds `config.json`, `checkpoints/`, `metrics.jsonl` and TensorBoard
 
 import ctypes
 import functools
+import itertools
+import math
 import os
 import sys
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -37,7 +39,7 @@ TRAIN_MODES = ('step', 'epoch')
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or Inf."""
+  """The training loss, or the evaluation loss of parameters about to be evaluated or saved, became NaN or Inf."""
 
 
 def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -134,6 +136,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     fail('train_mode', f'choose one of {TRAIN_MODES}')
   if not is_integer(config.num_models) or config.num_models < 1:
     fail('num_models', 'it must be an integer >= 1 (the number of models trained side by side with vmap)')
+  if not is_integer(config.seed) or not 0 <= config.seed <= 2**32 - config.num_models:
+    # A JAX key takes 32 bits of its seed: seed 2**32 would quietly repeat seed 0's run.
+    fail(
+      'seed',
+      f'it must be an integer from 0 to 2**32 - num_models = {2**32 - config.num_models} (model k of a sweep takes '
+      'seed + k)',
+    )
   if config.learning_rates and (
     config.num_models == 1
     or len(config.learning_rates) != config.num_models
@@ -284,15 +293,19 @@ def training_functions(
   return TrainingFunctions(epoch_order, step, train_epoch)
 
 
-def evaluate(eval_fn, params: dict, data: dict, batch_size: int) -> dict[str, np.ndarray]:
-  """Exact loss and accuracy over every example of `data` ([K] arrays for a sweep of K models).
+def evaluate(
+  eval_fn, params: dict, data: dict, batch_size: int, num_batches: int | None = None
+) -> dict[str, np.ndarray]:
+  """Exact loss and accuracy over every example of `data` ([K] arrays for a sweep of K models), or of its first
+  `num_batches` batches.
 
   Batches of `batch_size` (a multiple of the device count), but no larger than the split rounded up to one: padding
   a 1,000-example split to a batch of 100,000 would cost 100x the compute, for the same metrics.
   """
   num_devices = jax.device_count()
   batch_size = min(batch_size, -(-len(data['label']) // num_devices) * num_devices)
-  return summarize_metrics([eval_fn(params, batch) for batch in input_pipeline.eval_batches(data, batch_size)])
+  batches = itertools.islice(input_pipeline.eval_batches(data, batch_size), num_batches)
+  return summarize_metrics([eval_fn(params, batch) for batch in batches])
 
 
 def _restore_target(tree, sharding: NamedSharding):
@@ -448,18 +461,19 @@ def _resume_or_start(
   return state
 
 
-def _check_finite(pending: list[tuple[int, dict]], learning_rates: np.ndarray) -> None:
-  """Raises NonFiniteLossError at the first step in `pending` whose loss (of any model) is NaN or Inf."""
-  for step, metrics in pending:
-    losses = np.reshape(np.asarray(metrics['loss_sum']), -1)
+def _check_finite(
+  losses_by_step: Iterable[tuple[int, np.ndarray]], learning_rates: np.ndarray, loss_name: str = 'training loss'
+) -> None:
+  """Raises NonFiniteLossError at the first (step, loss) whose loss (of any model, for a sweep's [K]) is NaN or Inf."""
+  for step, loss in losses_by_step:
+    losses = np.reshape(np.asarray(loss), -1)
     for k in np.flatnonzero(~np.isfinite(losses)):
       which = f' of model {k} (learning rate {learning_rates[k]:g})' if len(losses) > 1 else ''
       raise NonFiniteLossError(
-        f'The training loss{which} became {losses[k]} at step {step}; any checkpoints before it were kept. Likely '
+        f'The {loss_name}{which} became {losses[k]} at step {step}; any checkpoints before it were kept. Likely '
         'causes: the learning rate is too high (resume with a smaller --config.learning_rate, or start a new '
         '--workdir with --config.schedule=warmup_cosine --config.warmup_epochs=1, or --config.grad_clip_norm=1.0), '
-        'or the input data contain NaN/Inf. The latest checkpoint holds the parameters its update made, which may '
-        'already be too large.'
+        'or the input data contain NaN/Inf.'
       )
 
 
@@ -487,7 +501,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   if config.schedule == 'warmup_cosine' and warmup_steps(config, steps_per_epoch) < 1:
     raise ValueError(
       f'config.warmup_epochs={config.warmup_epochs} is less than one of the {steps_per_epoch} steps of an epoch, '
-      f'so there would be no warmup; use at least {1 / steps_per_epoch:.3g}.'
+      f'so there would be no warmup; use at least 1/{steps_per_epoch} of an epoch, '
+      f'{math.ceil(1e4 / steps_per_epoch) / 1e4:g} rounded up.'
     )
   if config.train_mode == 'epoch':
     for name, every in (('eval_every_steps', eval_every), ('checkpoint_every_steps', checkpoint_every)):
@@ -535,6 +550,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   last_log_time, last_log_step = time.perf_counter(), start_step
   eval_seconds = 0.0
 
+  def checked_evaluation(step, params, num_batches=None):
+    """`evaluate` of `params`, the parameters after `step`, timed as evaluation; a NaN or Inf loss stops the run."""
+    nonlocal eval_seconds
+    jax.block_until_ready(params)  # Dispatch runs ahead: count the queued training steps as training.
+    eval_start = time.perf_counter()
+    eval_metrics = evaluate(eval_fn, params, eval_data, config.eval_batch_size, num_batches)
+    eval_seconds += time.perf_counter() - eval_start
+    _check_finite([(step, eval_metrics['loss'])], learning_rates, f'{eval_split} loss')
+    return eval_metrics
+
   def log_progress(step, train_metrics):
     nonlocal last_log_time, last_log_step
     now = time.perf_counter()
@@ -549,29 +574,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     last_log_time, last_log_step = now, step
 
   def finish_step(step, metrics, state, by_step):
-    """Logs, evaluates and checkpoints after `step` as the config's cadences ask (`by_step`: run as its own call)."""
-    nonlocal pending, eval_seconds
+    """Logs, evaluates and checkpoints after `step` as the config's cadences ask (`by_step`: run as its own call).
+
+    Nothing non-finite is logged, evaluated or saved. The training loss of step s comes from the parameters before
+    its update, so the parameters after it are checked by their own evaluation loss before they are saved.
+    """
+    nonlocal pending
     pending.append((step, metrics))
     is_last = step == total_steps
     if step % config.log_every_steps == 0 or is_last:
-      _check_finite(pending, learning_rates)
+      _check_finite([(s, m['loss_sum']) for s, m in pending], learning_rates)
       train_metrics = summarize_metrics([m for _, m in pending])
       writer.write(step, 'train', train_metrics)
       pending = []
       if by_step:
         log_progress(step, train_metrics)
-    if step % eval_every == 0 and not is_last:
-      _check_finite(pending, learning_rates)  # Parameters a NaN step made are not evaluated, nor their metrics logged.
-      jax.block_until_ready(state)  # Dispatch runs ahead: count the queued training steps as training.
-      eval_start = time.perf_counter()
-      eval_metrics = evaluate(eval_fn, state.params, eval_data, config.eval_batch_size)
-      eval_seconds += time.perf_counter() - eval_start
+    evaluates = step % eval_every == 0 and not is_last
+    checkpoints = step % checkpoint_every == 0 or is_last
+    if evaluates or checkpoints:
+      _check_finite([(s, m['loss_sum']) for s, m in pending], learning_rates)
+    if evaluates:
+      eval_metrics = checked_evaluation(step, state.params)
       writer.write(step, eval_split, eval_metrics)
       logging.info(
         'step %d  %s loss %s accuracy %s', step, eval_split, _fmt(eval_metrics['loss']), _fmt(eval_metrics['accuracy'])
       )
-    if step % checkpoint_every == 0 or is_last:
-      _check_finite(pending, learning_rates)
+    if checkpoints:
+      if not evaluates:  # One batch shows parameters that overflow, at a fraction of an evaluation's cost.
+        checked_evaluation(step, state.params, num_batches=1)
       workdir_lib.save_checkpoint(manager, step, state)
 
   loop_start = time.perf_counter()
@@ -592,9 +622,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
           finish_step(first_step + i + 1, metrics, state, by_step=True)
     jax.block_until_ready(state)
     train_seconds = time.perf_counter() - loop_start - eval_seconds
-    eval_start = time.perf_counter()
-    eval_metrics = evaluate(eval_fn, state.params, eval_data, config.eval_batch_size)
-    eval_seconds += time.perf_counter() - eval_start
+    eval_metrics = checked_evaluation(total_steps, state.params)
     if start_step < total_steps:
       writer.write(total_steps, eval_split, eval_metrics)
     logging.info('Final %s loss %s accuracy %s', eval_split, _fmt(eval_metrics['loss']), _fmt(eval_metrics['accuracy']))

@@ -14,6 +14,7 @@ import logging as std_logging
 import os
 import re
 import shutil
+from collections.abc import Iterable
 
 import jax
 import ml_collections
@@ -82,6 +83,11 @@ def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state)
   )
 
 
+def _first_unused(paths: Iterable[str]) -> str:
+  """The first of `paths` that does not exist: how nothing already in the workdir is overwritten."""
+  return next(path for path in paths if not os.path.exists(path))
+
+
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: str, *, set_aside_corrupt: bool):
   """The latest checkpoint as a TrainState, or None when there is none.
 
@@ -107,7 +113,11 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
             else ''
           )
         ) from error
-      quarantine = os.path.join(workdir, 'corrupt_checkpoints', str(step))
+      # The same step may have been set aside before, by a run that then made it again.
+      quarantine = _first_unused(
+        os.path.join(workdir, 'corrupt_checkpoints', name)
+        for name in itertools.chain([str(step)], (f'{step}_{i}' for i in itertools.count(2)))
+      )
       logging.error(
         'Checkpoint %d cannot be read (%s: %s); moving it to %s and resuming from the one before.',
         step, type(error).__name__, error, quarantine,
@@ -185,7 +195,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> N
   names = itertools.chain(
     ['config.json', f'config_step{step}.json'], (f'config_step{step}_{i}.json' for i in itertools.count(2))
   )
-  path = next(path for path in (os.path.join(workdir, name) for name in names) if not os.path.exists(path))
+  path = _first_unused(os.path.join(workdir, name) for name in names)
   if saved:
     logging.warning('The config differs from %s; saving this one as %s.', saved[-1], path)
   with open(f'{path}.tmp', 'w') as f:

@@ -268,6 +268,9 @@ def test_a_run_resumed_before_a_corrupt_checkpoint_records_its_config_and_checkp
   params, step = train.load_params(tiny_config(), str(tmp_path))
   assert step == 16
   assert_trees_bitwise_equal(params, resumed.params)
+  truncate_every_file(str(tmp_path / 'checkpoints' / '16'))  # The new 16 is set aside beside the first.
+  train.train_and_evaluate(tiny_config(checkpoint_every_steps=5, learning_rate=1e-3), str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'corrupt_checkpoints')) == ['16', '16_2']
 
 
 def test_an_unreadable_checkpoint_is_set_aside_by_training_only_and_two_stop_it(tmp_path):
@@ -290,32 +293,36 @@ def test_load_params_of_a_workdir_without_checkpoints_is_none_and_creates_nothin
   assert os.listdir(tmp_path) == []
 
 
-def test_nan_loss_stops_the_run_before_its_step_is_checkpointed(tmp_path):
-  # Adam's first step moves every parameter by about the learning rate: 1e30 overflows the logits at step 2.
-  config = short_config(schedule='constant', learning_rate=1e30, checkpoint_every_steps=1)
+def test_nan_loss_stops_the_run_before_parameters_that_overflow_are_checkpointed(tmp_path):
+  # Adam's first step moves every parameter by about the learning rate: at 1e30 the logits overflow. That step's
+  # training loss is still finite (it is the loss before the update), so its checkpoint is checked by its own test
+  # loss and not saved: the latest checkpoint is one to resume from, as the error advises.
+  train.train_and_evaluate(tiny_config(schedule='constant', checkpoint_every_steps=1), str(tmp_path))
+  extended = {'schedule': 'constant', 'checkpoint_every_steps': 1, 'num_epochs': 3}
   with pytest.raises(
     train.NonFiniteLossError,
-    match=r'became (nan|inf) at step (\d+); any checkpoints before it were kept\. .*learning rate',
-  ) as error:
-    train.train_and_evaluate(config, str(tmp_path))
-  nan_step = int(error.value.args[0].split('at step ')[1].split(';')[0])
-  params, step = train.load_params(config, str(tmp_path))
-  assert step == nan_step - 1  # Checkpointed every step, up to the last one with a finite loss.
-  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+    match=r'The test loss became (nan|inf) at step 17; any checkpoints before it were kept\. .*learning rate',
+  ):
+    train.train_and_evaluate(tiny_config(learning_rate=1e30, **extended), str(tmp_path))
+  assert train.load_params(tiny_config(), str(tmp_path))[1] == 16
+  _, metrics = train.train_and_evaluate(tiny_config(learning_rate=1e-3, **extended), str(tmp_path))
+  assert np.isfinite(metrics['test_loss'])
 
 
 def test_nan_loss_stops_the_run_before_its_parameters_are_evaluated(tmp_path):
-  config = short_config(schedule='constant', learning_rate=1e30, eval_every_steps=5)
-  with pytest.raises(train.NonFiniteLossError, match=r'became (nan|inf) at step [1-5]; any checkpoints before'):
+  # The NaN step's training loss is still finite: its parameters' test loss is what stops the run, unwritten.
+  config = short_config(schedule='constant', learning_rate=1e30, eval_every_steps=1)
+  with pytest.raises(train.NonFiniteLossError, match=r'The test loss became (nan|inf) at step 1; any checkpoints'):
     train.train_and_evaluate(config, str(tmp_path))
-  assert read_metrics(str(tmp_path)) == []  # No NaN test row.
+  assert read_metrics(str(tmp_path)) == []
+  assert not os.path.exists(tmp_path / 'checkpoints' / '1')
 
 
 def test_an_infinite_loss_stops_the_run_like_nan():
-  pending = [(7, {'loss_sum': np.float32(2.3)}), (8, {'loss_sum': np.float32(np.inf)})]
-  with pytest.raises(train.NonFiniteLossError, match=r'loss became inf at step 8;'):
-    train._check_finite(pending, np.array([1e-3]))
-  sweep = [(9, {'loss_sum': np.array([2.3, -np.inf], np.float32)})]
+  losses = [(7, np.float32(2.3)), (8, np.float32(np.inf))]
+  with pytest.raises(train.NonFiniteLossError, match=r'The training loss became inf at step 8;'):
+    train._check_finite(losses, np.array([1e-3]))
+  sweep = [(9, np.array([2.3, -np.inf], np.float32))]
   with pytest.raises(train.NonFiniteLossError, match=r'of model 1 \(learning rate 0\.5\) became -inf at step 9;'):
     train._check_finite(sweep, np.array([1e-3, 0.5]))
 
@@ -354,6 +361,10 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'checkpoint_every_steps': -1}, r'config\.checkpoint_every_steps=-1 .* >= 0'),
     ({'max_checkpoints_to_keep': 0}, r'config\.max_checkpoints_to_keep=0 .* integer >= 1'),
     ({'num_models': 0}, r'config\.num_models=0 .* integer >= 1'),
+    ({'seed': -1}, r'config\.seed=-1 .* integer from 0 to 2\*\*32 - num_models = 4294967295 '),
+    ({'seed': 2**32}, r'config\.seed=4294967296 .* integer from 0 to'),  # A JAX key would take it as seed 0.
+    ({'seed': 2**32 - 2, 'num_models': 3}, r'config\.seed=4294967294 .* = 4294967293 \(model k .* seed \+ k\)'),
+    ({'seed': None}, r'config\.seed=None .* integer'),
     ({'num_models': 2, 'learning_rates': (0.1,)}, r'config\.learning_rates=\(0\.1,\) .* one finite .*\(num_models=2;'),
     ({'model': {'pool': 'median'}}, r"model\.pool='median' is not valid"),
   ],
@@ -369,6 +380,7 @@ def test_the_edge_values_of_each_setting_are_valid():
     {'random_crop_padding': 0},
     {'eval_every_steps': 0, 'checkpoint_every_steps': 0},
     {'optimizer': 'momentum', 'momentum': 0.0, 'weight_decay': 0.0, 'grad_clip_norm': 0.0},
+    {'seed': 2**32 - 3, 'num_models': 3},
   ):
     train.check_config(short_config(**overrides))
 
@@ -583,9 +595,13 @@ def test_epoch_mode_resumes_a_step_mode_run_from_inside_an_epoch(short_run, tmp_
 
 def test_a_warmup_shorter_than_a_step_is_refused(tmp_path):
   config = short_config(schedule='warmup_cosine', warmup_epochs=0.01)  # 0.62 of the 62 steps of an epoch.
-  with pytest.raises(ValueError, match=r'config\.warmup_epochs=0\.01 is less than one of the 62 steps .* 0\.0161'):
+  with pytest.raises(
+    ValueError, match=r'config\.warmup_epochs=0\.01 is less than one of the 62 steps .* 1/62 of an epoch, 0\.0162 '
+  ):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
+  config.warmup_epochs = 0.0162  # The least it suggests is a warmup of one step (1/62 is 0.016129...).
+  assert train.warmup_steps(config, 62) == 1
 
 
 @pytest.mark.parametrize(
