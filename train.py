@@ -364,15 +364,15 @@ def _changed_settings(
 ) -> list[tuple[str, Any, Any]]:
   """(setting, value, that run's value) for each of `names` that `config` sets otherwise than `previous`.
 
-  A nested ConfigDict (config.model) is compared field by field; a name `previous` lacks (saved by older code) is
-  skipped.
+  A nested ConfigDict (config.model) is compared field by field; a name or field `previous` lacks (saved by older
+  code) is skipped.
   """
   changed = []
   for name in names:
     if name not in previous:
       continue
     if isinstance(config[name], ml_collections.ConfigDict):
-      fields = sorted(set(config[name].keys()) | set(previous[name].keys()))
+      fields = sorted(previous[name].keys())
       pairs = [(f'{name}.{field}', config[name].get(field), previous[name].get(field)) for field in fields]
     else:
       pairs = [(name, config[name], previous[name])]

@@ -198,6 +198,15 @@ def test_resuming_with_a_model_of_the_same_shapes_is_refused(short_run, tmp_path
   assert sorted(os.listdir(workdir)) == before  # No config saved, no metrics written.
 
 
+def test_settings_a_saved_config_lacks_are_not_counted_as_changed():
+  # A config saved by older code, before train_mode and model.flatten_seed existed, is compared on what it has.
+  previous = short_config()
+  del previous['train_mode'], previous.model['flatten_seed']
+  previous.model.pool = 'avg'
+  changed = train._changed_settings(short_config(), previous, ('train_mode', 'model'))
+  assert changed == [('model.pool', 'max', 'avg')]
+
+
 def test_resuming_with_other_batches_is_refused_before_a_corrupt_checkpoint_is_set_aside(short_run, tmp_path):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
   truncate_every_file(os.path.join(workdir, 'checkpoints', '124'))
