@@ -211,6 +211,16 @@ def colourise(images: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
   return ink * colours[:, None, None, :], colours
 
 
+def matched_inputs(tinted: jax.Array) -> dict[str, jax.Array]:
+  """The MATCHED_INPUTS of tinted digits [N, H, W, 3], each [N, H, W, 3]."""
+  return {
+    'grey': jnp.repeat(tinted.mean(axis=-1, keepdims=True), 3, axis=-1),  # Each pixel's channels set to their mean.
+    'tinted': tinted,
+    # Red, green and blue of image i taken from digits i, i - 1 and i - 2: where the two readings differ most.
+    'mixed': jnp.stack([jnp.roll(tinted[..., c], c, axis=0) for c in range(3)], axis=-1),
+  }
+
+
 def per_channel_logits(cnn: model.CNN, variables: dict, images: jax.Array) -> jax.Array:
   """The misreading, [B, H, W, C] -> [B, K]: each channel is a separate one-channel example, logits averaged.
 
@@ -250,12 +260,7 @@ def channels(out_dir: str, num_epochs: int = 3, num_seeds: int = 3) -> dict:
   kernel = misread_params['conv1']['kernel']
   matched = {**misread_params, 'conv1': {**misread_params['conv1'], 'kernel': jnp.repeat(kernel, 3, axis=2) / 3}}
   tinted = test_data['image'][:200]
-  inputs = {
-    'grey': jnp.repeat(tinted.mean(axis=-1, keepdims=True), 3, axis=-1),  # Each pixel's channels set to their mean.
-    'tinted': tinted,
-    # Red, green and blue taken from three different digits: where the two readings differ most.
-    'mixed': jnp.stack([jnp.roll(tinted[..., c], c, axis=0) for c in range(3)], axis=-1),
-  }
+  inputs = matched_inputs(tinted)
   logits = {
     name: (real_cnn.apply({'params': matched}, x), misread_apply({'params': misread_params}, x))
     for name, x in inputs.items()
@@ -343,6 +348,17 @@ def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.sum(a * b, -1) / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-30)
 
 
+def ink_lost(images: np.ndarray, moved: list[np.ndarray], background: float) -> tuple[float, float]:
+  """(the mean share of a digit's ink moved out of the frame, the share of digits that lose any in some direction)
+  for `images` [N, H, W, C] and their copies `moved` [D][N, H, W, C] in D directions."""
+
+  def ink(x):  # float64 so that a shift that drops nothing loses exactly nothing, not a rounding error.
+    return np.asarray(x - background, np.float64).sum(axis=(1, 2, 3))
+
+  lost = np.stack([np.clip(1 - ink(m) / ink(images), 0, 1) for m in moved])  # [D, N]
+  return float(lost.mean()), float(np.mean(np.any(lost > 1e-6, axis=0)))
+
+
 @functools.partial(jax.jit, static_argnames='cnn')
 def _similarities(cnn: model.CNN, params: dict, images: jax.Array, moved: jax.Array, background: float) -> dict:
   """Per-layer cosine similarity [N] of `images` and `moved` [N, H, W, C], plus 'agree' [N]: same predicted class."""
@@ -375,11 +391,7 @@ def invariance(out_dir: str, num_epochs: int = 3, max_shift: int = 4, num_images
   background = float(jnp.min(test_data['image']))  # Pixel value 0 after normalisation.
   shifts = list(range(max_shift + 1))
   moved = {s: [shift_images(images, s * dy, s * dx, background) for dy, dx in DIRECTIONS] for s in shifts}
-
-  def ink(x):  # float64 so that a shift that drops nothing loses exactly nothing, not a rounding error.
-    return np.asarray(x - background, np.float64).sum(axis=(1, 2, 3))
-
-  lost = {s: np.stack([np.clip(1 - ink(m) / ink(images), 0, 1) for m in moved[s]]) for s in shifts}
+  lost = [ink_lost(images, moved[s], background) for s in shifts]
   similarity, agreement, other_digit = {}, {}, {}
   for name, params in (('trained', trained), ('untrained', fresh)):
     # Each shift's value is the mean over the digits and the four directions.
@@ -394,8 +406,8 @@ def invariance(out_dir: str, num_epochs: int = 3, max_shift: int = 4, num_images
     'similarity': similarity,
     'other_digit': other_digit,
     'agreement': agreement,
-    'ink_lost': [float(lost[s].mean()) for s in shifts],
-    'digits_losing_ink': [float(np.mean(np.any(lost[s] > 1e-6, axis=0))) for s in shifts],
+    'ink_lost': [share for share, _ in lost],
+    'digits_losing_ink': [digits for _, digits in lost],
     'test_accuracy': test_accuracy,
   }
   results['table'] = _invariance_table(results, num_epochs, len(images))

@@ -39,6 +39,8 @@ def test_flatten_orders_follow_one_loss_curve(tmp_path):
   # 4.8e-7; in another 'random' was 1.4e-6 off at step 5, 1.6e-5 at step 9 and at most 7.6e-4 over the epoch.
   assert results['max_abs_loss_difference'] < 1e-2
   assert set(results['loss_curves']) == {'hwc', 'chw', 'random'}
+  curves = results['loss_curves'].values()
+  assert results['max_abs_loss_difference'] == max(np.max(np.abs(c - results['loss_curves']['hwc'])) for c in curves)
   for order, curve in results['loss_curves'].items():
     assert curve.shape == (STEPS,)
     np.testing.assert_allclose(curve[:4], results['loss_curves']['hwc'][:4], rtol=0, atol=1e-6)
@@ -66,6 +68,25 @@ def test_channels_real_conv_and_misreading_are_different_functions(tmp_path):
   assert_png(results['png'])
 
 
+def test_a_sweeps_models_are_unstacked_as_the_single_runs_of_their_seeds():
+  sweep = explain.make_config(1, num_models=3)
+  stacked = explain.initial_state(sweep, 4000).params
+  for k, params in enumerate(explain.unstack(sweep, stacked)):
+    jax.tree.map(np.testing.assert_array_equal, params, model.init_params(explain.make_config(1), jax.random.key(k)))
+  assert explain.unstack(explain.make_config(1), stacked) == [stacked]
+
+
+def test_matched_inputs_are_grey_tinted_and_mixed_from_three_digits():
+  tinted = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))
+  inputs = explain.matched_inputs(tinted)
+  assert list(inputs) == list(explain.MATCHED_INPUTS)
+  np.testing.assert_allclose(inputs['grey'], np.repeat(np.mean(tinted, -1, keepdims=True), 3, -1), rtol=1e-6)
+  np.testing.assert_array_equal(inputs['tinted'], tinted)
+  for i in range(4):  # Red of digit i, green of digit i - 1, blue of digit i - 2.
+    for c in range(3):
+      np.testing.assert_array_equal(inputs['mixed'][i, ..., c], tinted[(i - c) % 4, ..., c])
+
+
 def test_per_channel_logits_of_a_grey_image_are_the_one_channel_networks():
   config = explain.make_config(1)
   cnn = model.create_model(config)
@@ -83,6 +104,9 @@ def test_colourise_tints_the_ink_and_keeps_the_background_black():
   np.testing.assert_array_equal(rgb[:, 0, 0], 0)
   np.testing.assert_allclose(rgb[:, 15, 12], colours)
   np.testing.assert_allclose(colours.max(axis=1), 1)
+  assert len(np.unique(colours, axis=0)) == 5  # A colour per image,
+  np.testing.assert_array_equal(explain.colourise(images, seed=0)[1], colours)  # drawn from the seed alone.
+  assert not np.allclose(explain.colourise(images, seed=1)[1], colours)
 
 
 def test_shift_images_moves_within_the_frame_without_wrapping():
@@ -93,6 +117,26 @@ def test_shift_images_moves_within_the_frame_without_wrapping():
   up = explain.shift_images(images, -2, 0, fill=-1.0)[0, ..., 0]
   np.testing.assert_array_equal(up[:2], images[0, 2:, :, 0])
   np.testing.assert_array_equal(up[2:], -1)
+
+
+def test_cosine_similarity_of_each_pair():
+  a = jnp.array([[1.0, 0.0], [1.0, 2.0], [1.0, 0.0]])
+  b = jnp.array([[3.0, 4.0], [-2.0, -4.0], [0.0, 5.0]])
+  np.testing.assert_allclose(explain._cosine(a, b), [3 / 5, -1, 0], atol=1e-6)
+
+
+def test_ink_lost_past_the_frame_per_digit_and_direction():
+  assert sorted(explain.DIRECTIONS) == [(-1, 0), (0, -1), (0, 1), (1, 0)]  # One pixel up, left, right and down.
+  background = -0.5
+  images = np.full((3, 8, 8, 1), background, np.float32)
+  images[0, 2:6, 7] = 1.0  # A stroke on the right edge,
+  images[1, 3:5, 3:5] = 1.0  # a blob in the middle,
+  images[2, 0, 2:6] = 1.0  # a stroke on the top edge.
+  moved = [explain.shift_images(images, dy, dx, background) for dy, dx in explain.DIRECTIONS]
+  share, digits = explain.ink_lost(images, moved, background)
+  # Digit 0 loses all its ink moving right, digit 2 moving up: 2 of the 12 (digit, direction) pairs lose everything.
+  assert share == pytest.approx(2 / 12)
+  assert digits == pytest.approx(2 / 3)
 
 
 def test_invariance_similarities(tmp_path):
