@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import jax
+import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pytest
 
+import input_pipeline
 import model
 import train
 import visualize
@@ -62,6 +64,75 @@ def test_fresh_init_draws_every_layer(tmp_path):
   for path in paths:
     assert os.path.dirname(path) == str(tmp_path / 'pictures')
     assert_png_not_blank(path)
+
+
+def drawn_figures(monkeypatch) -> dict:
+  """{picture name: figure} of every PNG the next write_pictures draws, recorded as it saves them."""
+  figures = {}
+  save = visualize._save
+
+  def recording_save(fig, title, source, path):
+    figures[os.path.basename(path)[3:-4]] = fig
+    return save(fig, title, source, path)
+
+  monkeypatch.setattr(visualize, '_save', recording_save)
+  return figures
+
+
+def test_filters_show_each_filters_slice_per_input_channel_on_a_scale_symmetric_about_zero():
+  kernel = np.random.default_rng(0).uniform(-1, 1, size=(5, 4, 2, 3)).astype(np.float32)
+  kernel[0, 0, 1, 2] = -3.0  # The largest magnitude is negative: white stays 0 only if the scale is symmetric.
+  fig = visualize._draw_filters(kernel)
+  for f in range(3):  # Row f is filter f, one panel per input channel.
+    for c in range(2):
+      shown = fig.axes[2 * f + c].images[0]
+      np.testing.assert_array_equal(shown.get_array(), kernel[:, :, c, f])
+      assert shown.get_clim() == (-3.0, 3.0)
+
+
+def test_flatten_bars_are_coloured_by_source_channel_and_rows_marked():
+  volume = (5, 5, 6)
+  vector = np.arange(150, dtype=np.float32) + 1
+  chw = model.flatten_permutation('chw', volume, 0)
+  ax = visualize._draw_flatten(vector, volume, chw).axes[0]
+  assert len(ax.containers) == 6
+  for channel, bars in enumerate(ax.containers):  # 'chw': positions 25c to 25c + 24 hold channel c.
+    positions = np.arange(25 * channel, 25 * channel + 25)
+    np.testing.assert_array_equal([bar.get_x() + bar.get_width() / 2 for bar in bars], positions)
+    np.testing.assert_array_equal([bar.get_height() for bar in bars], vector[positions])
+  assert not ax.texts  # Each row h is spread over the vector: no row markers.
+  ax = visualize._draw_flatten(vector, volume, model.flatten_permutation('hwc', volume, 0)).axes[0]
+  assert [(text.get_text(), text.get_position()[0]) for text in ax.texts] == [
+    (f' h={h}', 30 * h) for h in range(5)
+  ]  # fmt: skip
+
+
+def test_probabilities_are_the_softmax_of_the_logits_with_the_label_in_orange(tmp_path, monkeypatch):
+  config = default.get_config()
+  params = model.init_params(config, jax.random.key(config.seed))  # What a workdir without checkpoints draws.
+  test = input_pipeline.load_split(config, 'test')
+  logits = model.create_model(config).apply({'params': params}, test['image'][:20])
+  index = int(np.flatnonzero(np.argmax(logits, -1) != test['label'][:20])[0])  # Predicted is not the label.
+  figures = drawn_figures(monkeypatch)
+  visualize.write_pictures(str(tmp_path), index=index)
+  bars = figures['probabilities'].axes[0].patches
+  np.testing.assert_allclose([bar.get_height() for bar in bars], jax.nn.softmax(logits[index]), rtol=1e-5)
+  orange = [i for i, bar in enumerate(bars) if bar.get_facecolor() == matplotlib.colors.to_rgba('C1')]
+  assert orange == [test['label'][index]]
+
+
+def test_a_sweeps_model_is_drawn_with_its_own_learning_curves(tmp_path, monkeypatch):
+  config = default.get_config()
+  config.num_models = 2
+  workdir_lib.save_config(config, str(tmp_path), 0)
+  rows = [
+    {'step': s, 'split': 'train', 'model': k, 'loss': 2.0 / s + k, 'accuracy': 0.5} for s in (1, 2) for k in (0, 1)
+  ]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
+  figures = drawn_figures(monkeypatch)
+  visualize.write_pictures(str(tmp_path), model_index=1)
+  (train_loss,) = figures['learning_curves'].axes[0].lines
+  np.testing.assert_array_equal(train_loss.get_ydata(), [3.0, 2.0])  # Model 1's.
 
 
 def test_fresh_init_is_named_as_such(tmp_path):
