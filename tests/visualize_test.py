@@ -1,4 +1,5 @@
-"""visualize.py on a workdir without a checkpoint and on a one-epoch run: every PNG is written, valid and not blank."""
+"""visualize.py on a workdir without a checkpoint and on a one-epoch run: every PNG is written, valid and not blank,
+and its figure draws the values it names (kernels, flatten order, probabilities, learning curves)."""
 
 import json
 import os
