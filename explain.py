@@ -67,14 +67,16 @@ def initial_state(config: ml_collections.ConfigDict, num_examples: int):
   return train.create_initial_state(config, input_pipeline.steps_per_epoch(num_examples, config.batch_size))
 
 
-def fit(config: ml_collections.ConfigDict, state, data: dict):
+def fit(config: ml_collections.ConfigDict, state, data: dict, fill: np.ndarray | None = None):
   """Trains a copy of `state` for config.num_epochs on `data` {'image', 'label'} with train.py's whole-epoch function.
 
+  `fill` is the normalised black pixel [C] that random shifts uncover, if `data` is not config.dataset's.
   Returns (state, batch loss per step [S, K]), where K = 1 for a single model.
   """
   mesh = train.device_mesh()
   state, data = train.place_replicated((state, data), mesh)
-  functions = train.training_functions(config, len(data['label']), NamedSharding(mesh, PartitionSpec('batch')))
+  batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
+  functions = train.training_functions(config, len(data['label']), batch_sharding, fill)
   train_epoch = train.jit_with_xla_options(functions.train_epoch, donate_argnums=0)
   metrics = []
   for epoch in range(config.num_epochs):
@@ -244,14 +246,15 @@ def channels(out_dir: str, num_epochs: int = 3, num_seeds: int = 3) -> dict:
   mean, std = rgb_train.mean(axis=(0, 1, 2)), rgb_train.std(axis=(0, 1, 2))  # Per channel, as load_split does.
   train_data = {'image': (rgb_train - mean) / std, 'label': grey_train['label']}
   test_data = {'image': (rgb_test - mean) / std, 'label': grey_test['label']}
+  black = -mean / std  # The tinted digits' background, normalised: what their random shifts uncover.
   num_train = len(train_data['label'])
 
   # Model k of both networks has seed k: its own init, and the same batches and shifts as the other network's.
   real_cnn = model.create_model(rgb_config)
   misread_apply = functools.partial(per_channel_logits, model.create_model(grey_config))
-  real, real_losses = fit(rgb_config, initial_state(rgb_config, num_train), train_data)
+  real, real_losses = fit(rgb_config, initial_state(rgb_config, num_train), train_data, black)
   misread_state = initial_state(grey_config, num_train).replace(apply_fn=misread_apply)
-  misread, misread_losses = fit(grey_config, misread_state, train_data)
+  misread, misread_losses = fit(grey_config, misread_state, train_data, black)
   # Seed 0's weights: the parameter counts and the comparison under matched weights.
   real_params, misread_params = unstack(rgb_config, real.params)[0], unstack(grey_config, misread.params)[0]
 

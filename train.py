@@ -262,9 +262,13 @@ class TrainingFunctions(NamedTuple):
 
 
 def training_functions(
-  config: ml_collections.ConfigDict, num_examples: int, batch_sharding: NamedSharding
+  config: ml_collections.ConfigDict, num_examples: int, batch_sharding: NamedSharding, fill: np.ndarray | None = None
 ) -> TrainingFunctions:
-  """Per-step and whole-epoch training on a split of `num_examples` held on the device, vmapped for a sweep."""
+  """Per-step and whole-epoch training on a split of `num_examples` held on the device, vmapped for a sweep.
+
+  Random shifts fill what they uncover with `fill` [C], a black pixel normalised: by default config.dataset's
+  (`input_pipeline.black`); data normalised otherwise passes its own.
+  """
   sweep = config.num_models > 1
   seeds = model_seeds(config) if sweep else config.seed
 
@@ -279,7 +283,7 @@ def training_functions(
     train_step_on_data,
     crop_padding=config.random_crop_padding,
     flip=config.random_flip,
-    fill=input_pipeline.black(config.dataset),
+    fill=input_pipeline.black(config.dataset) if fill is None else fill,
     batch_sharding=batch_sharding,
   )
   if sweep:

@@ -511,11 +511,12 @@ def run_train_py(workdir, *flags):
   return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def test_each_step_trains_on_the_batch_of_its_seed_epoch_and_step():
+@pytest.mark.parametrize('fill', [None, np.array([0.5], np.float32)], ids=['black', 'given_fill'])
+def test_each_step_trains_on_the_batch_of_its_seed_epoch_and_step(fill):
   config = short_config(random_crop_padding=2, random_flip=True)
   data = jax.device_put(input_pipeline.load_split(config, 'train'))
   batch_sharding = NamedSharding(train.device_mesh(), PartitionSpec('batch'))
-  functions = train.training_functions(config, 4000, batch_sharding)
+  functions = train.training_functions(config, 4000, batch_sharding, fill)
   for epoch in (0, 1):
     keys, indices = functions.epoch_order(epoch)
     shuffle_key, augment_key = input_pipeline.epoch_keys(config.seed, epoch)
@@ -525,8 +526,8 @@ def test_each_step_trains_on_the_batch_of_its_seed_epoch_and_step():
   state = train.create_train_state(config, jax.random.key(0), 62)
   jit = train.jit_with_xla_options  # As train_and_evaluate compiles them.
   trained, _ = jit(functions.train_step)(state, data, indices, keys, 5)
-  black = input_pipeline.black(config.dataset)
-  images = input_pipeline.augment(data['image'][indices[5]], jax.random.fold_in(augment_key, 5), 2, True, black)
+  fill = input_pipeline.black(config.dataset) if fill is None else fill  # What shifts uncover: black by default.
+  images = input_pipeline.augment(data['image'][indices[5]], jax.random.fold_in(augment_key, 5), 2, True, fill)
   expected, _ = jit(train.train_step)(state, {'image': images, 'label': data['label'][indices[5]]})
   assert_trees_bitwise_equal(trained.params, expected.params)
 
