@@ -586,17 +586,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     nonlocal pending
     pending.append((step, metrics))
     is_last = step == total_steps
-    if step % config.log_every_steps == 0 or is_last:
+    logs = step % config.log_every_steps == 0 or is_last
+    evaluates = step % eval_every == 0 and not is_last
+    checkpoints = step % checkpoint_every == 0 or is_last
+    if logs or evaluates or checkpoints:
       _check_finite([(s, m['loss_sum']) for s, m in pending], learning_rates)
+    if logs:
       train_metrics = summarize_metrics([m for _, m in pending])
       writer.write(step, 'train', train_metrics)
       pending = []
       if by_step:
         log_progress(step, train_metrics)
-    evaluates = step % eval_every == 0 and not is_last
-    checkpoints = step % checkpoint_every == 0 or is_last
-    if evaluates or checkpoints:
-      _check_finite([(s, m['loss_sum']) for s, m in pending], learning_rates)
     if evaluates:
       eval_metrics = checked_evaluation(step, state.params)
       writer.write(step, eval_split, eval_metrics)
