@@ -213,6 +213,21 @@ def colourise(images: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
   return ink * colours[:, None, None, :], colours
 
 
+def tinted_splits(grey_train: dict, grey_test: dict, seed: int) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+  """Grey splits {'image': [N, H, W, 1], 'label'} -> the same digits tinted: (train, test, black [3], test RGB).
+
+  The test digits' colours are drawn from seed + 1, not the training digits' draws. Both splits are normalised per
+  channel by the training split's mean and std, as `input_pipeline.load_split` normalises a dataset; `black` is the
+  normalised background that random shifts uncover, and the test RGB digits in [0, 1] are for showing.
+  """
+  rgb_train, _ = colourise(grey_train['image'], seed)
+  rgb_test, _ = colourise(grey_test['image'], seed + 1)
+  mean, std = rgb_train.mean(axis=(0, 1, 2)), rgb_train.std(axis=(0, 1, 2))
+  train = {'image': (rgb_train - mean) / std, 'label': grey_train['label']}
+  test = {'image': (rgb_test - mean) / std, 'label': grey_test['label']}
+  return train, test, -mean / std, rgb_test
+
+
 def matched_inputs(tinted: jax.Array) -> dict[str, jax.Array]:
   """The MATCHED_INPUTS of tinted digits [N, H, W, 3], each [N, H, W, 3]."""
   return {
@@ -240,13 +255,7 @@ def channels(out_dir: str, num_epochs: int = 3, num_seeds: int = 3) -> dict:
   on grey, tinted and mixed images."""
   grey_config = make_config(num_epochs, num_models=num_seeds)
   rgb_config = make_config(num_epochs, input_shape=(32, 32, 3), num_models=num_seeds)
-  grey_train, grey_test = load_data(grey_config)
-  rgb_train, _ = colourise(grey_train['image'], grey_config.seed)
-  rgb_test, _ = colourise(grey_test['image'], grey_config.seed + 1)
-  mean, std = rgb_train.mean(axis=(0, 1, 2)), rgb_train.std(axis=(0, 1, 2))  # Per channel, as load_split does.
-  train_data = {'image': (rgb_train - mean) / std, 'label': grey_train['label']}
-  test_data = {'image': (rgb_test - mean) / std, 'label': grey_test['label']}
-  black = -mean / std  # The tinted digits' background, normalised: what their random shifts uncover.
+  train_data, test_data, black, rgb_test = tinted_splits(*load_data(grey_config), grey_config.seed)
   num_train = len(train_data['label'])
 
   # Model k of both networks has seed k: its own init, and the same batches and shifts as the other network's.
@@ -280,7 +289,7 @@ def channels(out_dir: str, num_epochs: int = 3, num_seeds: int = 3) -> dict:
     'same_class': {name: float(jnp.mean(jnp.argmax(a, -1) == jnp.argmax(b, -1))) for name, (a, b) in logits.items()},
   }
   results['table'] = _channels_table(results, num_epochs, len(tinted))
-  examples = (rgb_test[:8], grey_test['label'][:8])
+  examples = (rgb_test[:8], test_data['label'][:8])
   results['png'] = _plot_channels(results, num_epochs, logits, examples, os.path.join(out_dir, 'channels.png'))
   return results
 

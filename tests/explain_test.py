@@ -109,6 +109,22 @@ def test_colourise_tints_the_ink_and_keeps_the_background_black():
   assert not np.allclose(explain.colourise(images, seed=1)[1], colours)
 
 
+def test_tinted_splits_are_normalised_per_channel_with_fresh_test_colours():
+  digits = np.full((40, 32, 32, 1), -0.4, np.float32)  # Background at the minimum, as after normalisation.
+  digits[:, 8:24, 14:18] = np.linspace(0.5, 3.0, 40)[:, None, None, None]
+  grey = {'image': digits, 'label': np.arange(40) % 10}
+  train, test, black, rgb_test = explain.tinted_splits(grey, grey, seed=0)
+  # Each channel has its own mean and std: a channel's statistics follow its own colour draws.
+  np.testing.assert_allclose(train['image'].mean(axis=(0, 1, 2)), 0, atol=1e-3)
+  np.testing.assert_allclose(train['image'].std(axis=(0, 1, 2)), 1, atol=1e-3)
+  np.testing.assert_allclose(train['image'][:, 0, 0], np.broadcast_to(black, (40, 3)), atol=1e-6)
+  np.testing.assert_array_equal(test['label'], grey['label'])
+  np.testing.assert_allclose(test['image'][:, 0, 0], np.broadcast_to(black, (40, 3)), atol=1e-6)
+  assert rgb_test.shape == (40, 32, 32, 3) and rgb_test.min() == 0 and rgb_test.max() == 1
+  # The same grey digits are tinted with other colours in the test split: its colours are draws of their own.
+  assert not np.allclose(test['image'][:, 16, 16], train['image'][:, 16, 16], atol=0.1)
+
+
 def test_shift_images_moves_within_the_frame_without_wrapping():
   images = jnp.arange(16.0).reshape(1, 4, 4, 1)
   right = explain.shift_images(images, 0, 1, fill=-1.0)[0, ..., 0]
