@@ -91,13 +91,24 @@ def _first_unused(paths: Iterable[str]) -> str:
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: str, *, set_aside_corrupt: bool):
   """The latest checkpoint as a TrainState, or None when there is none.
 
-  A checkpoint of another model, or whose optimiser state has another structure, is refused and left in place.
-  With `set_aside_corrupt`, a latest checkpoint that cannot be read is moved to workdir/corrupt_checkpoints/ (never
-  deleted) and the previous one is used; a second unreadable one stops the run, since that points to a cause other
-  than an interrupted write.
+  Checkpoints of another model, or whose optimiser state has another structure, are refused and left in place,
+  with nothing set aside. With `set_aside_corrupt`, a latest checkpoint that cannot be read is moved to
+  workdir/corrupt_checkpoints/ (never deleted) and the previous one is used; a second unreadable one stops the run,
+  since that points to a cause other than an interrupted write.
   """
+  steps = sorted(manager.all_steps(), reverse=True)
+  # A run's checkpoints share one structure, so the first that lists its arrays speaks for all: another model or
+  # optimiser is refused before an unreadable checkpoint could be set aside.
+  for step in steps:
+    try:
+      _check_compatible(manager, step, abstract_state)
+    except IncompatibleCheckpointError:
+      raise
+    except Exception:  # noqa: BLE001 -- unreadable: handled below.
+      continue
+    break
   set_aside = []
-  for step in sorted(manager.all_steps(), reverse=True):
+  for step in steps:
     try:
       _check_compatible(manager, step, abstract_state)
       return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))

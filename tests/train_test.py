@@ -2,6 +2,7 @@
 
 import functools
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -50,6 +51,16 @@ def read_metrics(workdir):
 def train_steps_logged(workdir, after_row):
   """The steps of the train rows written after the first after_row rows of metrics.jsonl: a resumed run's own."""
   return [r['step'] for r in read_metrics(workdir)[after_row:] if r['split'] == 'train']
+
+
+def file_digests(directory):
+  """{path under `directory`: sha256 of its bytes} of every file: what a refused run must leave as it was."""
+  digests = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      with open(os.path.join(root, name), 'rb') as f:
+        digests[os.path.relpath(os.path.join(root, name), directory)] = hashlib.sha256(f.read()).hexdigest()
+  return digests
 
 
 def assert_trees_bitwise_equal(a, b):
@@ -121,13 +132,13 @@ def test_checkpoints_and_config_are_saved(short_run):
 
 def test_finished_run_is_not_retrained(short_run, caplog):
   workdir, state, metrics = short_run
-  before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  before = file_digests(os.path.join(workdir, 'checkpoints'))
   rows = read_metrics(workdir)
   with caplog.at_level('INFO'):
     again, again_metrics = train.train_and_evaluate(short_config(), workdir)
   assert 'learning-rate schedule' not in caplog.text
   assert 'Time: compile 0.0 s, train 0.0 s' in caplog.text  # Nothing is left to train, so nothing is compiled.
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
+  assert file_digests(os.path.join(workdir, 'checkpoints')) == before
   assert read_metrics(workdir) == rows  # Evaluated again, but no step retrained and no metrics row written.
   assert_trees_bitwise_equal(again.params, state.params)
   assert again_metrics == metrics
@@ -135,11 +146,11 @@ def test_finished_run_is_not_retrained(short_run, caplog):
 
 def test_resuming_past_num_epochs_is_refused(short_run, tmp_path):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
-  before = sorted(os.listdir(workdir))
+  before = file_digests(workdir)
   # The checkpoint is at step 124, two epochs of 62: one epoch would end before it and return its state as if it had.
   with pytest.raises(ValueError, match=r'at step 124, past the 62 steps of config\.num_epochs=1; set num_epochs >= 2'):
     train.train_and_evaluate(short_config(num_epochs=1), workdir)
-  assert sorted(os.listdir(workdir)) == before  # No config saved, no metrics written.
+  assert file_digests(workdir) == before  # No config saved, no metrics written, no checkpoint moved.
 
 
 def wide_config():
@@ -158,25 +169,28 @@ def wide_config():
   ],
   ids=['model', 'optimiser', 'sweep'],
 )
-def test_incompatible_checkpoint_is_refused_and_kept(short_run, tmp_path, make_config, message):
+@pytest.mark.parametrize('latest_readable', [True, False], ids=['latest_readable', 'latest_unreadable'])
+def test_incompatible_checkpoint_is_refused_and_kept(short_run, tmp_path, make_config, message, latest_readable):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
   for path in glob.glob(os.path.join(workdir, 'config*.json')):
     os.remove(path)  # The checkpoint's own structure is checked, without the saved config's settings to compare.
-  before = {name: os.path.getmtime(os.path.join(workdir, 'checkpoints', name)) for name in ['62', '93', '124']}
-  with pytest.raises(ValueError, match=f'(?s){message}.*Use a new --workdir'):
+  if not latest_readable:  # Refused by the one before it, before the unreadable one could be set aside.
+    truncate_every_file(os.path.join(workdir, 'checkpoints', '124'))
+  before = file_digests(workdir)
+  refusing_step = 124 if latest_readable else 93
+  with pytest.raises(ValueError, match=f'(?s)checkpoint at step {refusing_step} in .* {message}.*Use a new --workdir'):
     train.train_and_evaluate(make_config(), workdir)
-  assert {n: os.path.getmtime(os.path.join(workdir, 'checkpoints', n)) for n in before} == before
-  assert not os.path.exists(os.path.join(workdir, 'corrupt_checkpoints'))
+  assert file_digests(workdir) == before
 
 
 @pytest.mark.parametrize('setting, value', [('batch_size', 32), ('validation_size', 500), ('seed', 1)])
 def test_resuming_with_other_batches_is_refused(short_run, tmp_path, setting, value):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
-  before = sorted(os.listdir(workdir))
+  before = file_digests(workdir)
   message = rf'step 124 .* config\.{setting}={value} \(that run: {short_config()[setting]}\).*Set them back'
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(short_config(**{setting: value}), workdir)
-  assert sorted(os.listdir(workdir)) == before  # No config saved, no metrics written.
+  assert file_digests(workdir) == before  # No config saved, no metrics written, no checkpoint moved.
 
 
 def test_resuming_on_another_dataset_is_refused():
@@ -188,14 +202,14 @@ def test_resuming_on_another_dataset_is_refused():
 
 def test_resuming_with_a_model_of_the_same_shapes_is_refused(short_run, tmp_path):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
-  before = sorted(os.listdir(workdir))
+  before = file_digests(workdir)
   config = short_config()
   config.model.flatten_order = 'chw'  # The same parameter shapes, another function of them.
   with pytest.raises(
     ValueError, match=r"model of the run .* config\.model\.flatten_order='chw' \(that run: 'hwc'\)\. Set"
   ):
     train.train_and_evaluate(config, workdir)
-  assert sorted(os.listdir(workdir)) == before  # No config saved, no metrics written.
+  assert file_digests(workdir) == before  # No config saved, no metrics written, no checkpoint moved.
 
 
 def test_settings_a_saved_config_lacks_are_not_counted_as_changed():
@@ -210,9 +224,10 @@ def test_settings_a_saved_config_lacks_are_not_counted_as_changed():
 def test_resuming_with_other_batches_is_refused_before_a_corrupt_checkpoint_is_set_aside(short_run, tmp_path):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
   truncate_every_file(os.path.join(workdir, 'checkpoints', '124'))
+  before = file_digests(workdir)
   with pytest.raises(ValueError, match=r'step 124 .* config\.seed=1 .* nothing was changed'):
     train.train_and_evaluate(short_config(seed=1), workdir)
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['124', '62', '93']
+  assert file_digests(workdir) == before
 
 
 def test_resumed_run_takes_the_learning_rate_of_its_config(short_run, tmp_path, caplog):
