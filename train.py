@@ -627,7 +627,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     jax.block_until_ready(state)
     train_seconds = time.perf_counter() - loop_start - eval_seconds
     eval_metrics = checked_evaluation(total_steps, state.params)
-    if start_step < total_steps:
+    # A finished run run again writes no second row, but one killed after its last checkpoint writes the missing one.
+    logged = {(row['step'], row['split']) for row in workdir_lib.read_metrics(workdir)}
+    if start_step < total_steps or (total_steps, eval_split) not in logged:
       writer.write(total_steps, eval_split, eval_metrics)
     logging.info('Final %s loss %s accuracy %s', eval_split, _fmt(eval_metrics['loss']), _fmt(eval_metrics['accuracy']))
   finally:

@@ -9,7 +9,6 @@ drawn and every title says so. The image is test example --index of the config's
 <workdir>/pictures/test_example_<index>[_model_<k>]/ unless --out_dir says otherwise.
 """
 
-import json
 import os
 import textwrap
 
@@ -55,18 +54,13 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, model_index: in
   return params, f'checkpoint at step {step}{of_sweep}'
 
 
-def read_metrics(path: str, model_index: int = 0) -> dict[str, dict[int, dict]]:
-  """{split: {step: {'loss', 'accuracy'}}} of one model from a metrics.jsonl (a sweep's rows carry a "model"); a
-  later line for a step supersedes an earlier one."""
+def read_metrics(workdir: str, model_index: int = 0) -> dict[str, dict[int, dict]]:
+  """{split: {step: {'loss', 'accuracy'}}} of one model from workdir/metrics.jsonl (a sweep's rows carry a
+  "model"); a later row for a step supersedes an earlier one."""
   metrics = {}
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # A run killed mid-write leaves a partial line; the writer starts a fresh one after it.
-      if row.get('model', 0) == model_index:
-        metrics.setdefault(row['split'], {})[row['step']] = row
+  for row in workdir_lib.read_metrics(workdir):
+    if row.get('model', 0) == model_index:
+      metrics.setdefault(row['split'], {})[row['step']] = row
   return metrics
 
 
@@ -245,7 +239,7 @@ def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, mod
 
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   if os.path.exists(metrics_path):
-    curves = _draw_learning_curves(read_metrics(metrics_path, model_index))
+    curves = _draw_learning_curves(read_metrics(workdir, model_index))
     save(curves, 'learning_curves', f'learning curves ({metrics_path})')
   return paths
 

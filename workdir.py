@@ -214,6 +214,25 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> N
   os.replace(f'{path}.tmp', path)  # Whole or not at all: a run killed mid-write leaves no half-written config.
 
 
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of workdir/metrics.jsonl in the order written ([] when there is none).
+
+  A resumed run appends its rows: a step written twice appears twice, and the later row is the one to read. A
+  partial line, left by a run killed mid-write, is skipped (the writer starts a fresh line after it).
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
+
+
 class MetricWriter:
   """Writes scalars as JSON lines to workdir/metrics.jsonl (appending on resume) and to TensorBoard.
 

@@ -43,14 +43,9 @@ def tiny_config(**overrides):
   return short_config(batch_size=500, **overrides)
 
 
-def read_metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
 def train_steps_logged(workdir, after_row):
   """The steps of the train rows written after the first after_row rows of metrics.jsonl: a resumed run's own."""
-  return [r['step'] for r in read_metrics(workdir)[after_row:] if r['split'] == 'train']
+  return [r['step'] for r in workdir_lib.read_metrics(workdir)[after_row:] if r['split'] == 'train']
 
 
 def file_digests(directory):
@@ -84,7 +79,7 @@ def test_learns_the_real_digits(short_run):
 def test_same_seed_gives_identical_metrics_and_params(short_run, tmp_path):
   workdir, state, _ = short_run
   again, _ = train.train_and_evaluate(short_config(), str(tmp_path))
-  assert read_metrics(str(tmp_path)) == read_metrics(workdir)
+  assert workdir_lib.read_metrics(str(tmp_path)) == workdir_lib.read_metrics(workdir)
   assert_trees_bitwise_equal(again.params, state.params)
 
 
@@ -96,13 +91,15 @@ def test_validation_size_evaluates_on_the_held_out_tail_instead_of_test(tmp_path
   recomputed = train.evaluate(eval_fn, state.params, input_pipeline.load_split(config, 'validation'), 500)
   np.testing.assert_allclose(metrics['validation_accuracy'], recomputed['accuracy'])
   np.testing.assert_allclose(metrics['validation_loss'], recomputed['loss'], rtol=1e-5)
-  assert [(r['step'], r['split']) for r in read_metrics(str(tmp_path)) if r['split'] != 'train'] == [(54, 'validation')]
+  assert [(r['step'], r['split']) for r in workdir_lib.read_metrics(str(tmp_path)) if r['split'] != 'train'] == [
+    (54, 'validation')
+  ]
   assert metrics['validation_accuracy'] >= 0.7  # 0.846 measured after 54 steps on the other 3,500; chance is 0.10.
 
 
 def test_metrics_jsonl_and_tensorboard_agree(short_run):
   workdir, _, metrics = short_run
-  rows = read_metrics(workdir)
+  rows = workdir_lib.read_metrics(workdir)
   train_rows = [r for r in rows if r['split'] == 'train']
   test_rows = [r for r in rows if r['split'] == 'test']
   assert [r['step'] for r in train_rows] == [20, 40, 60, 80, 100, 120, 124]
@@ -133,15 +130,25 @@ def test_checkpoints_and_config_are_saved(short_run):
 def test_finished_run_is_not_retrained(short_run, caplog):
   workdir, state, metrics = short_run
   before = file_digests(os.path.join(workdir, 'checkpoints'))
-  rows = read_metrics(workdir)
+  rows = workdir_lib.read_metrics(workdir)
   with caplog.at_level('INFO'):
     again, again_metrics = train.train_and_evaluate(short_config(), workdir)
   assert 'learning-rate schedule' not in caplog.text
   assert 'Time: compile 0.0 s, train 0.0 s' in caplog.text  # Nothing is left to train, so nothing is compiled.
   assert file_digests(os.path.join(workdir, 'checkpoints')) == before
-  assert read_metrics(workdir) == rows  # Evaluated again, but no step retrained and no metrics row written.
+  assert workdir_lib.read_metrics(workdir) == rows  # Evaluated again, but no step retrained and no metrics row written.
   assert_trees_bitwise_equal(again.params, state.params)
   assert again_metrics == metrics
+
+
+def test_a_run_killed_after_its_last_checkpoint_writes_its_final_row_when_run_again(short_run, tmp_path):
+  workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
+  rows = workdir_lib.read_metrics(workdir)
+  assert rows[-1]['split'] == 'test' and rows[-1]['step'] == 124
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:  # As if killed during the final evaluation.
+    f.writelines(json.dumps(row) + '\n' for row in rows[:-1])
+  train.train_and_evaluate(short_config(), workdir)
+  assert workdir_lib.read_metrics(workdir) == rows
 
 
 def test_resuming_past_num_epochs_is_refused(short_run, tmp_path):
@@ -276,7 +283,7 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run,
   workdir, state, _ = short_run
   workdir = shutil.copytree(workdir, str(tmp_path / 'run'))
   corrupt(os.path.join(workdir, 'checkpoints', '124'))
-  rows_before = len(read_metrics(workdir))
+  rows_before = len(workdir_lib.read_metrics(workdir))
   resumed, _ = train.train_and_evaluate(short_config(), workdir)
   assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', '124'))  # Moved, not deleted.
   assert train_steps_logged(workdir, after_row=rows_before) == [100, 120, 124]  # Resumed at 93, not from scratch.
@@ -338,7 +345,7 @@ def test_nan_loss_stops_the_run_before_its_parameters_are_evaluated(tmp_path):
   config = short_config(schedule='constant', learning_rate=1e30, eval_every_steps=1)
   with pytest.raises(train.NonFiniteLossError, match=r'The test loss became (nan|inf) at step 1; any checkpoints'):
     train.train_and_evaluate(config, str(tmp_path))
-  assert read_metrics(str(tmp_path)) == []
+  assert workdir_lib.read_metrics(str(tmp_path)) == []
   assert not os.path.exists(tmp_path / 'checkpoints' / '1')
 
 
@@ -358,7 +365,7 @@ def test_an_infinite_loss_stops_the_run_like_nan():
 def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpoints, evaluations):
   train.train_and_evaluate(tiny_config(eval_every_steps=every, checkpoint_every_steps=every), str(tmp_path))
   assert sorted(int(step) for step in os.listdir(tmp_path / 'checkpoints')) == checkpoints  # The newest 3.
-  assert [r['step'] for r in read_metrics(str(tmp_path)) if r['split'] == 'test'] == evaluations
+  assert [r['step'] for r in workdir_lib.read_metrics(str(tmp_path)) if r['split'] == 'test'] == evaluations
 
 
 @pytest.mark.parametrize(
@@ -589,9 +596,11 @@ def test_epoch_mode_trains_exactly_like_step_mode(short_run, tmp_path, caplog):
   progress = [r.getMessage().split('  train loss')[0] for r in caplog.records if ' train loss ' in r.getMessage()]
   assert progress == ['step 62/124 epoch 1', 'step 124/124 epoch 2']  # One line per epoch, one call each.
   assert_trees_close(epoch_state.params, state.params, atol=1e-6)
-  rows = read_metrics(str(tmp_path))
-  assert [(r['step'], r['split']) for r in rows] == [(r['step'], r['split']) for r in read_metrics(workdir)]
-  np.testing.assert_allclose([r['loss'] for r in rows], [r['loss'] for r in read_metrics(workdir)], rtol=1e-5)
+  rows = workdir_lib.read_metrics(str(tmp_path))
+  assert [(r['step'], r['split']) for r in rows] == [(r['step'], r['split']) for r in workdir_lib.read_metrics(workdir)]
+  np.testing.assert_allclose(
+    [r['loss'] for r in rows], [r['loss'] for r in workdir_lib.read_metrics(workdir)], rtol=1e-5
+  )
   assert epoch_metrics['test_accuracy'] == pytest.approx(metrics['test_accuracy'], abs=0.002)
 
 
@@ -600,7 +609,7 @@ def test_epoch_mode_resumes_exactly_from_an_epoch_boundary(tmp_path):
   finished, _ = train.train_and_evaluate(config, str(tmp_path / 'run'))
   interrupted = shutil.copytree(tmp_path / 'run', tmp_path / 'interrupted')
   shutil.move(interrupted / 'checkpoints' / '124', tmp_path / 'set_aside')  # As if stopped after epoch 1.
-  rows_before = len(read_metrics(interrupted))
+  rows_before = len(workdir_lib.read_metrics(interrupted))
   resumed, _ = train.train_and_evaluate(config, str(interrupted))
   assert train_steps_logged(interrupted, after_row=rows_before) == [80, 100, 120, 124]  # Epoch 2 only: steps 63..124.
   assert_trees_bitwise_equal(resumed.params, finished.params)
@@ -684,9 +693,9 @@ def test_sweep_model_k_is_the_single_run_with_seed_k(short_run, tmp_path):
   train.train_and_evaluate(short_config(seed=1), str(tmp_path / 'seed1'))
   _, metrics = train.train_and_evaluate(sweep_config, str(tmp_path / 'sweep'))
   assert metrics['test_accuracy'].shape == (2,)
-  rows = read_metrics(str(tmp_path / 'sweep'))
+  rows = workdir_lib.read_metrics(str(tmp_path / 'sweep'))
   for k, single_run in enumerate([short_run[0], str(tmp_path / 'seed1')]):
-    assert_runs_agree([r for r in rows if r['model'] == k], read_metrics(single_run))
+    assert_runs_agree([r for r in rows if r['model'] == k], workdir_lib.read_metrics(single_run))
   assert sorted(os.listdir(tmp_path / 'sweep' / 'model_1'))[0].startswith('events.out.tfevents')
 
 
@@ -747,7 +756,7 @@ def test_data_parallel_over_8_devices_matches_one_device(short_run, tmp_path):
     for eight_devices, one_device in zip(pickle.load(f), params_after_each_step(short_config()), strict=True):
       assert_trees_close(eight_devices, one_device, atol=1e-6)
   assert train.load_params(short_config(), str(tmp_path / 'run'))[1] == 124
-  assert_runs_agree(read_metrics(str(tmp_path / 'run')), read_metrics(workdir))
+  assert_runs_agree(workdir_lib.read_metrics(str(tmp_path / 'run')), workdir_lib.read_metrics(workdir))
 
 
 def run_two_processes(script, tmp_path, *args):
@@ -817,7 +826,9 @@ def test_two_processes_train_like_one(short_run, tmp_path):
   for stdout, _ in outputs:
     assert int(stdout.split('gathered ')[-1].split()[0]) < 1000, stdout
   assert train.load_params(short_config(), str(tmp_path / 'run'))[1] == 124
-  assert_runs_agree(read_metrics(str(tmp_path / 'run')), read_metrics(workdir))  # Only process 0 writes rows.
+  assert_runs_agree(
+    workdir_lib.read_metrics(str(tmp_path / 'run')), workdir_lib.read_metrics(workdir)
+  )  # Only process 0 writes rows.
 
 
 REPLICATE_SCRIPT = """

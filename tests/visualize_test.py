@@ -179,7 +179,7 @@ def test_later_metrics_lines_supersede_earlier_ones(tmp_path):
     {'step': 10, 'split': 'train', 'loss': 1.5, 'accuracy': 0.2},  # A resumed run rewrote step 10.
   ]
   path.write_text(''.join(json.dumps(row) + '\n' for row in rows) + '{"step": 30, "spl\n')
-  metrics = visualize.read_metrics(str(path))
+  metrics = visualize.read_metrics(str(tmp_path))
   assert metrics == {'train': {10: rows[2]}, 'test': {20: rows[1]}}
 
 
@@ -187,7 +187,7 @@ def test_a_sweeps_metrics_are_read_per_model(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   rows = [{'step': 20, 'split': 'train', 'model': k, 'loss': 2.0 - k, 'accuracy': 0.1 * k} for k in range(2)]
   path.write_text(''.join(json.dumps(row) + '\n' for row in rows))
-  assert visualize.read_metrics(str(path), model_index=1) == {'train': {20: rows[1]}}
+  assert visualize.read_metrics(str(tmp_path), model_index=1) == {'train': {20: rows[1]}}
 
 
 def test_a_sweeps_fresh_init_is_model_k_with_seed_plus_k(tmp_path):

@@ -77,15 +77,11 @@ def test_load_config_is_the_latest_run_before_the_checkpoint(tmp_path):
   assert workdir.load_config(str(tmp_path), 200).model.conv_features == (3, 6)  # Tuples again, as in a config.
 
 
-def read_metrics(directory):
-  return [json.loads(line) for line in (directory / 'metrics.jsonl').read_text().splitlines()]
-
-
 def test_a_sweep_writes_each_models_own_values(tmp_path):
   writer = workdir.MetricWriter(str(tmp_path), num_models=2)
   writer.write(5, 'test', {'loss': np.array([0.5, 1.5]), 'accuracy': np.array([0.875, 0.625])})
   writer.close()
-  assert read_metrics(tmp_path) == [
+  assert workdir.read_metrics(str(tmp_path)) == [
     {'step': 5, 'split': 'test', 'model': 0, 'loss': 0.5, 'accuracy': 0.875},
     {'step': 5, 'split': 'test', 'model': 1, 'loss': 1.5, 'accuracy': 0.625},
   ]
@@ -99,7 +95,7 @@ def test_metrics_append_to_an_empty_file(tmp_path):
   writer = workdir.MetricWriter(str(tmp_path))
   writer.write(1, 'train', {'loss': 2.0})
   writer.close()
-  assert read_metrics(tmp_path) == [{'step': 1, 'split': 'train', 'loss': 2.0}]
+  assert workdir.read_metrics(str(tmp_path)) == [{'step': 1, 'split': 'train', 'loss': 2.0}]
 
 
 def test_metrics_resume_on_a_fresh_line_after_a_partial_one(tmp_path):
@@ -110,3 +106,6 @@ def test_metrics_resume_on_a_fresh_line_after_a_partial_one(tmp_path):
   lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
   assert lines[0] == '{"step": 1, "split": "train", "loss": 2.3}' and lines[1] == '{"step": 2, "spl'  # Kept as is.
   assert json.loads(lines[2]) == {'step': 2, 'split': 'train', 'loss': 1.5}
+  # Read back without the partial line.
+  assert workdir.read_metrics(str(tmp_path)) == [{'step': 1, 'split': 'train', 'loss': 2.3}, json.loads(lines[2])]
+  assert workdir.read_metrics(str(tmp_path / 'elsewhere')) == []
