@@ -13,7 +13,7 @@ when one of those is asked for. 28x28 digits are zero-padded to 32x32, the input
 import functools
 import math
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -89,19 +89,14 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
       f'config.model.num_classes={config.model.num_classes} is fewer than the {NUM_CLASSES} classes of '
       f'{config.dataset} (labels 0-{NUM_CLASSES - 1}); set config.model.num_classes = {NUM_CLASSES}.'
     )
-  source_split = 'test' if split == 'test' else 'train'
-  if config.dataset == 'embedded_mnist':
-    with np.load(EMBEDDED_PATH) as npz:
-      images, labels = npz[f'x_{source_split}'][..., None], npz[f'y_{source_split}']
-  else:
-    images, labels = _read_tfds(config.dataset, source_split, config.get('data_dir'))
-
+  num_examples, read = _open_split(config.dataset, 'test' if split == 'test' else 'train', config.get('data_dir'))
+  if split != 'test' and not 0 <= validation_size < num_examples:
+    raise ValueError(
+      f'config.validation_size={validation_size} is not valid; it must be from 0 to {num_examples - 1}, '
+      f'less than the {num_examples} examples of the {config.dataset} train split.'
+    )
+  images, labels = read()
   if split != 'test':
-    if not 0 <= validation_size < len(labels):
-      raise ValueError(
-        f'config.validation_size={validation_size} is not valid; it must be from 0 to {len(labels) - 1}, '
-        f'less than the {len(labels)} examples of the {config.dataset} train split.'
-      )
     cut = len(labels) - validation_size
     images, labels = (images[cut:], labels[cut:]) if split == 'validation' else (images[:cut], labels[:cut])
 
@@ -117,14 +112,31 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
   return {'image': normalised, 'label': labels.astype(np.int32)}
 
 
-def _read_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-  """uint8 images [N, H, W, C] and labels [N] of a prepared tfds split, read whole."""
+def _open_split(
+  dataset: str, split: str, data_dir: str | None
+) -> tuple[int, Callable[[], tuple[np.ndarray, np.ndarray]]]:
+  """(N, a function reading uint8 images [N, H, W, C] and labels [N]) of a stored split: N is known before a read."""
+  if dataset == 'embedded_mnist':
+    with np.load(EMBEDDED_PATH) as npz:
+      images, labels = npz[f'x_{split}'][..., None], npz[f'y_{split}']
+    return len(labels), lambda: (images, labels)
+  source = _tfds_source(dataset, split, data_dir)
+
+  def read():
+    examples = [source[i] for i in range(len(source))]
+    return np.stack([ex['image'] for ex in examples]), np.array([ex['label'] for ex in examples], np.int32)
+
+  return len(source), read
+
+
+def _tfds_source(name: str, split: str, data_dir: str | None):
+  """The random-access data source of a prepared tfds split."""
   import tensorflow_datasets as tfds  # Here, not at the top: the embedded default must not import tfds or TensorFlow.
 
   try:
     # download=False: otherwise tfds would go to the network (and, with none, retry for minutes) and prepare the
     # data as tfrecord, which has no random access.
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except (NotImplementedError, FileNotFoundError, KeyError):  # KeyError: no split found in tfds' default dirs.
     where = data_dir or 'the tfds default, $TFDS_DATA_DIR or ~/tensorflow_datasets'
     raise FileNotFoundError(
@@ -134,8 +146,6 @@ def _read_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
       f'config.data_dir=DIR. Data prepared by tfds.load is tfrecord, which cannot be used. Or use the default '
       f"config.dataset='embedded_mnist', which needs no download."
     ) from None
-  examples = [source[i] for i in range(len(source))]
-  return np.stack([ex['image'] for ex in examples]), np.array([ex['label'] for ex in examples], np.int32)
 
 
 def epoch_keys(seed: int, epoch) -> tuple[jax.Array, jax.Array]:

@@ -133,6 +133,26 @@ def test_missing_tfds_data_fails_fast_with_instructions(in_config, tmp_path, mon
   assert not list(tmp_path.iterdir())  # Nothing downloaded or half-prepared.
 
 
+def test_an_impossible_validation_size_is_refused_before_any_image_is_read(monkeypatch, tmp_path):
+  open_split, reads = input_pipeline._open_split, []
+
+  def counting_reads(*args):
+    num_examples, read = open_split(*args)
+    return num_examples, lambda: reads.append(args) or read()
+
+  monkeypatch.setattr(input_pipeline, '_open_split', counting_reads)
+  with tfds.testing.mock_data(num_examples=6):
+    for validation_size in (6, -1):
+      config = _config(dataset='mnist', data_dir=str(tmp_path), validation_size=validation_size)
+      message = rf'validation_size={validation_size} is not valid; it must be from 0 to 5, less than the 6 examples'
+      with pytest.raises(ValueError, match=message):
+        input_pipeline.load_split(config, 'train')
+    assert reads == []  # A split of 50,000 images would be read and decoded first.
+    config = _config(dataset='mnist', data_dir=str(tmp_path), validation_size=5)
+    assert len(input_pipeline.load_split(config, 'validation')['label']) == 5
+  assert reads == [('mnist', 'train', str(tmp_path))]
+
+
 def _epoch(data, seed=0, epoch=0):
   """Every unaugmented batch of an epoch at B=128, as train.py gathers them."""
   shuffle_key, augment_key = input_pipeline.epoch_keys(seed, epoch)
@@ -319,6 +339,6 @@ def test_a_batch_may_be_the_whole_split_or_one_example():
 def test_images_of_another_size_than_the_dataset_stores_are_refused(monkeypatch, height, width):
   # The normalisation and the black a shift fills with are those of the stored size (28x28 digits, padded to 32).
   uint8_images = np.zeros((4, height, width, 1), np.uint8)
-  monkeypatch.setattr(input_pipeline, '_read_tfds', lambda *args: (uint8_images, np.zeros(4, np.int32)))
+  monkeypatch.setattr(input_pipeline, '_open_split', lambda *args: (4, lambda: (uint8_images, np.zeros(4, np.int32))))
   with pytest.raises(ValueError, match=rf'The mnist images read are \({height}, {width}\), not the 28x28 it stores'):
     input_pipeline.load_split(_config(dataset='mnist'), 'test')
