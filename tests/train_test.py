@@ -358,6 +358,39 @@ def test_an_infinite_loss_stops_the_run_like_nan():
     train._check_finite(sweep, np.array([1e-3, 0.5]))
 
 
+def test_each_train_row_is_the_mean_of_the_steps_since_the_last_row(tmp_path):
+  # Logging reads the steps without changing them, so runs that log at other cadences train alike.
+  train.train_and_evaluate(tiny_config(log_every_steps=1), str(tmp_path / 'every_step'))
+  train.train_and_evaluate(tiny_config(log_every_steps=4), str(tmp_path / 'every_4'))
+  each = [r for r in workdir_lib.read_metrics(str(tmp_path / 'every_step')) if r['split'] == 'train']
+  rows = [r for r in workdir_lib.read_metrics(str(tmp_path / 'every_4')) if r['split'] == 'train']
+  assert [r['step'] for r in rows] == [4, 8, 12, 16]
+  for row in rows:  # Every batch has 500 digits, so the mean over the steps is the mean over their examples.
+    window = [r for r in each if row['step'] - 4 < r['step'] <= row['step']]
+    for name in ('loss', 'accuracy'):
+      assert row[name] == pytest.approx(np.mean([r[name] for r in window]), rel=1e-6)
+
+
+def test_a_nan_in_the_training_data_stops_the_run_at_the_checkpoint_of_its_step(tmp_path, monkeypatch):
+  # A step that only checkpoints (no log row, no evaluation) checks the training losses since the last row too,
+  # so the error names the training batch, not the test loss of the parameters it made.
+  config = tiny_config(num_epochs=1, log_every_steps=8, eval_every_steps=8, checkpoint_every_steps=1)
+  shuffle_key, _ = input_pipeline.epoch_keys(config.seed, 0)
+  nan_digit = int(input_pipeline.shuffled_batch_indices(shuffle_key, 4000, config.batch_size)[2][0])  # Step 3's.
+  load_split = input_pipeline.load_split
+
+  def with_a_nan_digit(config, split):
+    data = load_split(config, split)
+    if split == 'train':
+      data['image'][nan_digit] = np.nan
+    return data
+
+  monkeypatch.setattr(input_pipeline, 'load_split', with_a_nan_digit)
+  with pytest.raises(train.NonFiniteLossError, match=r'The training loss became nan at step 3; any checkpoints'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert train.load_params(config, str(tmp_path))[1] == 2
+
+
 @pytest.mark.parametrize(
   'every, checkpoints, evaluations',
   [(0, [8, 16], [8, 16]), (5, [10, 15, 16], [5, 10, 15, 16])],  # 0: once an epoch. The last step always.
@@ -509,7 +542,7 @@ def test_compute_metrics_counts_only_unmasked_examples():
   assert float(metrics['loss_sum']) == pytest.approx(expected_loss)
 
 
-def test_an_eval_batch_larger_than_the_split_is_cut_to_the_split():
+def test_an_eval_batch_larger_than_the_split_is_cut_to_the_split_and_num_batches_reads_only_those():
   config = short_config()
   data = input_pipeline.load_split(config, 'test')  # 1,000 digits.
   params = train.create_initial_state(config, 62).params
@@ -526,6 +559,9 @@ def test_an_eval_batch_larger_than_the_split_is_cut_to_the_split():
   assert batch_sizes[1:] == [512, 512]
   assert whole['accuracy'] == in_batches['accuracy']
   assert whole['loss'] == pytest.approx(in_batches['loss'], rel=1e-6)
+  first = train.evaluate(eval_fn, params, data, 256, num_batches=1)  # The check before a checkpoint: one batch.
+  assert batch_sizes[3:] == [256]
+  assert first == train.evaluate(eval_fn, params, {name: value[:256] for name, value in data.items()}, 256)
 
 
 def run_train_py(workdir, *flags):
@@ -735,10 +771,11 @@ try:
   train.train_and_evaluate(indivisible, sys.argv[1])
 except ValueError as error:
   print(error)
-train.train_and_evaluate(config, sys.argv[1])
+state, _ = train.train_and_evaluate(config, sys.argv[1])
 with open(sys.argv[3], 'wb') as f:
   pickle.dump(list(params_after_each_step(config)), f)
-print(jax.device_count(), 'devices')
+print(train.device_mesh().shape['batch'], 'batch shards;', len(state.params['fc1']['kernel'].sharding.device_set),
+      'devices hold the parameters')
 """
 
 
@@ -751,7 +788,7 @@ def test_data_parallel_over_8_devices_matches_one_device(short_run, tmp_path):
   result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
   assert 'config.batch_size=60 is not valid; it must divide evenly over the 8 devices' in result.stdout
-  assert result.stdout.strip().endswith('8 devices')
+  assert result.stdout.strip().endswith('8 batch shards; 8 devices hold the parameters')
   with open(steps_file, 'rb') as f:
     for eight_devices, one_device in zip(pickle.load(f), params_after_each_step(short_config()), strict=True):
       assert_trees_close(eight_devices, one_device, atol=1e-6)
