@@ -628,8 +628,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     train_seconds = time.perf_counter() - loop_start - eval_seconds
     eval_metrics = checked_evaluation(total_steps, state.params)
     # A finished run run again writes no second row, but one killed after its last checkpoint writes the missing one.
-    logged = {(row['step'], row['split']) for row in workdir_lib.read_metrics(workdir)}
-    if start_step < total_steps or (total_steps, eval_split) not in logged:
+    if start_step < total_steps or not any(
+      (row['step'], row['split']) == (total_steps, eval_split) for row in workdir_lib.read_metrics(workdir)
+    ):
       writer.write(total_steps, eval_split, eval_metrics)
     logging.info('Final %s loss %s accuracy %s', eval_split, _fmt(eval_metrics['loss']), _fmt(eval_metrics['accuracy']))
   finally:

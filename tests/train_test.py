@@ -863,9 +863,8 @@ def test_two_processes_train_like_one(short_run, tmp_path):
   for stdout, _ in outputs:
     assert int(stdout.split('gathered ')[-1].split()[0]) < 1000, stdout
   assert train.load_params(short_config(), str(tmp_path / 'run'))[1] == 124
-  assert_runs_agree(
-    workdir_lib.read_metrics(str(tmp_path / 'run')), workdir_lib.read_metrics(workdir)
-  )  # Only process 0 writes rows.
+  # Only process 0 writes rows.
+  assert_runs_agree(workdir_lib.read_metrics(str(tmp_path / 'run')), workdir_lib.read_metrics(workdir))
 
 
 REPLICATE_SCRIPT = """
