@@ -25,6 +25,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flag_checks  # noqa: E402
 import workload  # noqa: E402
 
 import model  # noqa: E402
@@ -32,10 +33,10 @@ import reference  # noqa: E402
 import train  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('batch_sizes', ['32', '128', '512'], 'Batch sizes B.')
-flags.DEFINE_list('channels', ['1', '3'], 'Input channels C.')
-flags.DEFINE_integer('repeats', 5, 'Timed repeats per formulation.')
-flags.DEFINE_integer('images_per_repeat', 8192, 'Training images per timed repeat.')
+flag_checks.define_positive_integers('batch_sizes', ['32', '128', '512'], 'Batch sizes B.')
+flag_checks.define_positive_integers('channels', ['1', '3'], 'Input channels C.')
+flags.DEFINE_integer('repeats', 5, 'Timed repeats per formulation.', lower_bound=1)
+flags.DEFINE_integer('images_per_repeat', 8192, 'Training images per timed repeat.', lower_bound=1)
 
 
 def shifted_slices(x: jax.Array, kernel_shape: tuple[int, ...], strides: int, padding: str) -> list[jax.Array]:

@@ -32,12 +32,12 @@ import workload  # noqa: E402
 import train  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer('batch_size', 512, 'Batch size B.')
-flags.DEFINE_integer('channels', 3, 'Input channels C.')
-flags.DEFINE_integer('steps', 20, 'Traced training steps (one epoch of them in epoch mode).')
+flags.DEFINE_integer('batch_size', 512, 'Batch size B.', lower_bound=1)
+flags.DEFINE_integer('channels', 3, 'Input channels C.', lower_bound=1)
+flags.DEFINE_integer('steps', 20, 'Traced training steps (one epoch of them in epoch mode).', lower_bound=1)
 flags.DEFINE_enum('mode', 'step', ('step', 'epoch'), "train.py's train_mode: a jitted call per step, or one scan.")
-flags.DEFINE_integer('num_models', 1, 'Models trained side by side with jax.vmap (config.num_models).')
-flags.DEFINE_integer('top', 12, 'Groups to print.')
+flags.DEFINE_integer('num_models', 1, 'Models trained side by side with jax.vmap (config.num_models).', lower_bound=1)
+flags.DEFINE_integer('top', 12, 'Groups to print.', lower_bound=1)
 flags.DEFINE_string('trace_dir', 'benchmarks/results/trace', 'Where the jax.profiler trace is written.')
 
 LAYERS = ('conv1', 'conv2', 'pool1', 'pool2', 'fc1', 'fc2')
@@ -51,7 +51,8 @@ def op_groups(hlo_text: str) -> dict[str, str]:
     kind = re.sub(r'[.\-]\d+$', '', name)  # 'dot_general.13' -> 'dot_general': the op's kind, as XLA names it.
     layer = next((layer for layer in LAYERS if f'/{layer}/' in op_name or op_name.endswith(f'/{layer}')), None)
     if layer is None:
-      layer = 'optimizer' if 'update' in op_name or 'apply_updates' in op_name else 'loss, data and other'
+      # train_step's named_scope: '.../optimizer/add', or '.../vmap(optimizer)/add' in a sweep.
+      layer = 'optimizer' if re.search(r'\boptimizer\b', op_name) else 'loss, data and other'
     direction = ' backward' if 'transpose(' in op_name else (' forward' if layer in LAYERS else '')
     groups[name] = f'{layer}{direction}: {kind}'
   return groups

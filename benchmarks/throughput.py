@@ -36,6 +36,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flag_checks  # noqa: E402
 import workload  # noqa: E402
 
 import model  # noqa: E402
@@ -57,15 +58,16 @@ MODES = {
   'sweep8_epoch': ('epoch', SWEEP_MODELS),
 }
 
-flags.DEFINE_list('batch_sizes', ['32', '128', '512', '2048'], 'Batch sizes B.')
-flags.DEFINE_list('channels', ['1', '3'], 'Input channels C.')
-flags.DEFINE_list('modes', list(MODES), f'tinycnn training modes to time, of {tuple(MODES)}.')
-flags.register_validator('modes', lambda modes: set(modes) <= set(MODES), f'--modes must be a list of {tuple(MODES)}.')
+flag_checks.define_positive_integers('batch_sizes', ['32', '128', '512', '2048'], 'Batch sizes B.')
+flag_checks.define_positive_integers('channels', ['1', '3'], 'Input channels C.')
+flag_checks.define_choices('modes', list(MODES), MODES, 'tinycnn training modes to time.')
 flags.DEFINE_bool('torch', True, 'Time the PyTorch peer too, when torch is installed.')
-flags.DEFINE_list('torch_variants', None, 'PyTorch peer variants (default: all of torch_peer.VARIANTS).')
-flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant.')
-flags.DEFINE_integer('images_per_repeat', 16384, 'Training images per timed repeat (at least 10 steps).')
-flags.DEFINE_integer('threads', 2, 'CPUs the process is pinned to, and threads of the PyTorch peer.')
+flag_checks.define_choices(
+  'torch_variants', None, torch_peer and torch_peer.VARIANTS, 'PyTorch peer variants (default: all of them).'
+)
+flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant.', lower_bound=1)
+flags.DEFINE_integer('images_per_repeat', 16384, 'Training images per timed repeat (at least 10 steps).', lower_bound=1)
+flags.DEFINE_integer('threads', 2, 'CPUs the process is pinned to, and threads of the PyTorch peer.', lower_bound=1)
 flags.DEFINE_bool('pin_cpus', True, 'Pin the process to --threads CPUs; --nopin_cpus on a GPU or TPU host.')
 flags.DEFINE_string(
   'output', None,
@@ -137,11 +139,33 @@ def timed(run) -> tuple[float, float, int]:
   return time.perf_counter() - wall, time.process_time() - cpu, images
 
 
+def reserve_output(output: str):
+  """Creates `output`, empty, and returns it open for writing: before any work, so that an existing file is never
+  overwritten and a path that cannot be written is refused now, not after the whole benchmark."""
+  if os.path.lexists(output):
+    raise app.UsageError(f'--output={output} exists; name a new file, or move that one away first.')
+  try:
+    os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
+    return open(output, 'x')
+  except OSError as error:
+    raise app.UsageError(f'--output={output} cannot be written: {error}') from None
+
+
 def main(argv):
   del argv
   output = FLAGS.output or time.strftime('benchmarks/results/throughput_%Y%m%d_%H%M%S.json')
-  if os.path.exists(output):  # Before any work: the earlier results are kept.
-    raise app.UsageError(f'--output={output} exists; name a new file, or move that one away first.')
+  with reserve_output(output) as output_file:
+    try:
+      results = measure()
+    except BaseException:
+      os.remove(output)  # The empty file reserved above; nothing else is there.
+      raise
+    json.dump(results, output_file, indent=1)
+  print(f'Saved {output}; load average {results["machine"]["load_average_end"]:.2f} at the end')
+
+
+def measure() -> dict:
+  """Times every (C, B, variant) of the flags, printing a row each; returns {'machine': {...}, 'rows': [...]}."""
   if FLAGS.pin_cpus and hasattr(os, 'sched_setaffinity'):
     # Before jax starts its CPU client, which sizes its pool by these CPUs. Not on an accelerator's host, whose
     # compiler uses every CPU: on an H100's, pinned to 2, train_step took 18 s to compile, not 2.3 s.
@@ -198,11 +222,8 @@ def main(argv):
           + (f'  compile {row["compile_seconds"]:.2f} s' if row['compile_seconds'] else ''),
           flush=True,
         )
-  os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
   machine['load_average_end'] = os.getloadavg()[0]
-  with open(output, 'x') as f:
-    json.dump({'machine': machine, 'rows': results}, f, indent=1)
-  print(f'Saved {output}; load average {machine["load_average_end"]:.2f} at the end')
+  return {'machine': machine, 'rows': results}
 
 
 if __name__ == '__main__':

@@ -181,13 +181,16 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  import flag_checks
   from absl import app, flags
 
-  flags.DEFINE_list('batch_sizes', ['128', '512'], 'Batch sizes.')
-  flags.DEFINE_list('channels', ['1', '3'], 'Input channels.')
-  flags.DEFINE_list('variants', list(VARIANTS), 'Variants to measure.')
-  flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant; the median is reported with min and max.')
-  flags.DEFINE_integer('images_per_repeat', 8192, 'Images per timed repeat (at least 10 steps).')
-  flags.DEFINE_integer('threads', 2, 'torch.set_num_threads.')
+  flag_checks.define_positive_integers('batch_sizes', ['128', '512'], 'Batch sizes.')
+  flag_checks.define_positive_integers('channels', ['1', '3'], 'Input channels.')
+  flag_checks.define_choices('variants', list(VARIANTS), VARIANTS, 'Variants to measure.')
+  flags.DEFINE_integer(
+    'repeats', 5, 'Timed repeats per variant; the median is reported with min and max.', lower_bound=1
+  )
+  flags.DEFINE_integer('images_per_repeat', 8192, 'Images per timed repeat (at least 10 steps).', lower_bound=1)
+  flags.DEFINE_integer('threads', 2, 'torch.set_num_threads.', lower_bound=1)
   FLAGS = flags.FLAGS
   app.run(main)

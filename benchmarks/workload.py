@@ -22,13 +22,14 @@ def training_epoch(
   The optimiser is the PyTorch peer's (SGD, momentum 0.9, learning rate 0.01) and the default's random shifts are
   off, since the peer makes none. Returns (run, compiled, compile seconds): run() trains the next epoch, one jitted
   call per step or one for the whole epoch, and returns its last metrics once they are ready; `compiled` is the
-  program XLA runs (train_step's or train_epoch's).
+  program XLA runs (train_step's or train_epoch's). Raises ValueError naming a setting that train.py would refuse.
   """
   config = default.get_config()
   config.update(
     input_shape=(32, 32, channels), batch_size=batch_size, optimizer='momentum', learning_rate=0.01,
     schedule='constant', num_models=num_models, random_crop_padding=0,
   )  # fmt: skip
+  train.check_config(config)  # As train.py does: a bad batch size, channels or num_models is named before any work.
   rng = np.random.default_rng(0)
   mesh = train.device_mesh()
   data = train.place_replicated(

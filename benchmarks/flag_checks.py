@@ -1,0 +1,27 @@
+"""Command-line checks shared by the benchmark scripts: a bad flag is refused as the flags are parsed, before any
+compile or timing, with a message naming the flag and what would be valid."""
+
+from collections.abc import Sequence
+
+from absl import flags
+
+
+def define_positive_integers(name: str, default: list[str], help_text: str) -> None:
+  """A comma-separated list flag of integers >= 1, such as batch sizes or input channels."""
+  flags.DEFINE_list(name, default, help_text)
+  flags.register_validator(
+    name,
+    lambda values: bool(values) and all(value.isdecimal() and int(value) >= 1 for value in values),
+    f'--{name} must be one or more comma-separated integers >= 1.',
+  )
+
+
+def define_choices(name: str, default: list[str] | None, choices: Sequence[str] | None, help_text: str) -> None:
+  """A comma-separated list flag of names from `choices` (None: not known here, so not checked)."""
+  flags.DEFINE_list(name, default, help_text)
+  if choices is not None:
+    flags.register_validator(
+      name,
+      lambda values: values is None or (bool(values) and set(values) <= set(choices)),
+      f'--{name} must be one or more of {tuple(choices)}, comma-separated.',
+    )

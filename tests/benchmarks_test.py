@@ -1,0 +1,92 @@
+"""The benchmark scripts' command lines: bad flags are refused before any work, and results are never lost."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+HAS_TORCH = importlib.util.find_spec('torch') is not None
+
+
+def run_script(name, *flags, cwd=None):
+  return subprocess.run(
+    [sys.executable, os.path.join(BENCHMARKS, name), *flags], capture_output=True, text=True, cwd=cwd, timeout=300
+  )
+
+
+@pytest.mark.parametrize(
+  'script, flag, message',
+  [
+    ('throughput.py', '--batch_sizes=128,0', '--batch_sizes must be one or more comma-separated integers >= 1'),
+    ('throughput.py', '--channels=-1', '--channels must be one or more comma-separated integers >= 1'),
+    ('throughput.py', '--batch_sizes=', '--batch_sizes must be one or more comma-separated integers >= 1'),
+    ('throughput.py', '--modes=step,stp', "--modes must be one or more of ('step', 'epoch', 'sweep8', 'sweep8_epoch')"),
+    ('throughput.py', '--repeats=0', '--repeats=0: 0 is not a positive integer'),
+    ('throughput.py', '--threads=0', '--threads=0: 0 is not a positive integer'),
+    ('conv_variants.py', '--batch_sizes=0', '--batch_sizes must be one or more comma-separated integers >= 1'),
+    ('profile_step.py', '--num_models=0', '--num_models=0: 0 is not a positive integer'),
+    ('profile_step.py', '--steps=-3', '--steps=-3: -3 is not a positive integer'),
+    pytest.param(
+      'throughput.py', '--torch_variants=eagre', "--torch_variants must be one or more of ('eager',",
+      marks=pytest.mark.skipif(not HAS_TORCH, reason='torch_peer.VARIANTS needs torch'),
+    ),
+    pytest.param(
+      'torch_peer.py', '--variants=eager,compiled', "--variants must be one or more of ('eager',",
+      marks=pytest.mark.skipif(not HAS_TORCH, reason='torch is a benchmark-only dependency'),
+    ),
+  ],
+)  # fmt: skip
+def test_a_bad_flag_is_refused_as_the_flags_are_parsed(script, flag, message):
+  result = run_script(script, flag)
+  assert result.returncode != 0
+  assert 'Flags parsing error' in result.stderr and message in result.stderr
+  assert result.stdout == ''  # Nothing was measured or printed.
+
+
+def test_throughput_refuses_an_output_it_could_not_write_before_any_work(tmp_path):
+  (tmp_path / 'a_file').write_text('not a directory')
+  result = run_script('throughput.py', f'--output={tmp_path}/a_file/results.json')
+  assert result.returncode != 0
+  assert f'--output={tmp_path}/a_file/results.json cannot be written' in result.stderr
+  assert 'GFLOP/s' not in result.stdout  # Refused before the peak matmul, the first thing measured.
+  assert sorted(os.listdir(tmp_path)) == ['a_file'] and (tmp_path / 'a_file').read_text() == 'not a directory'
+
+
+def test_throughput_never_overwrites_earlier_results(tmp_path):
+  earlier = tmp_path / 'results.json'
+  earlier.write_text('{"rows": "earlier"}')
+  result = run_script('throughput.py', f'--output={earlier}')
+  assert result.returncode != 0
+  assert f'--output={earlier} exists; name a new file' in result.stderr
+  assert 'GFLOP/s' not in result.stdout
+  assert earlier.read_text() == '{"rows": "earlier"}'
+
+
+def test_throughput_saves_every_row_it_prints_and_its_machine(tmp_path):
+  output = tmp_path / 'new' / 'results.json'
+  result = run_script(
+    'throughput.py', '--batch_sizes=32', '--channels=1,3', '--modes=step', '--notorch', '--repeats=1',
+    '--images_per_repeat=320', f'--output={output}', '--nopin_cpus',
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr
+  saved = json.loads(output.read_text())
+  assert [(row['channels'], row['batch_size'], row['variant']) for row in saved['rows']] == [
+    (1, 32, 'step'),
+    (3, 32, 'step'),
+  ]
+  assert all(row['images_per_second_median'] > 0 and row['compile_seconds'] > 0 for row in saved['rows'])
+  assert saved['machine']['peak_gflops'] > 0 and f'Saved {output}' in result.stdout
+
+
+def test_workload_refuses_what_train_py_would_refuse(monkeypatch):
+  monkeypatch.syspath_prepend(BENCHMARKS)
+  import workload
+
+  with pytest.raises(ValueError, match=r'input_shape=\(32, 32, 0\) is not valid'):
+    workload.training_epoch(32, 0, 10, 'step')
+  with pytest.raises(ValueError, match='config.num_models=0 is not valid'):
+    workload.training_epoch(32, 1, 10, 'step', num_models=0)
