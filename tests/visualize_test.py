@@ -136,6 +136,17 @@ def test_a_sweeps_model_is_drawn_with_its_own_learning_curves(tmp_path, monkeypa
   np.testing.assert_array_equal(train_loss.get_ydata(), [3.0, 2.0])  # Model 1's.
 
 
+def test_a_model_past_the_sweep_is_refused_before_the_test_split_is_read(tmp_path, monkeypatch):
+  config = default.get_config()
+  config.num_models = 2
+  workdir_lib.save_config(config, str(tmp_path), 0)
+  splits_read = []
+  monkeypatch.setattr(input_pipeline, 'load_split', lambda config, split: splits_read.append(split))
+  with pytest.raises(ValueError, match=r'model=2 is not valid; the workdir holds models 0 to 1'):
+    visualize.write_pictures(str(tmp_path), model_index=2)
+  assert splits_read == [] and os.listdir(tmp_path) == ['config.json']
+
+
 def test_fresh_init_is_named_as_such(tmp_path):
   _, source = visualize.load_params(default.get_config(), str(tmp_path))
   assert source.startswith('FRESH INIT')
