@@ -3,9 +3,10 @@
     python benchmarks/throughput.py                       # the full table (several minutes)
     python benchmarks/throughput.py --batch_sizes=128 --channels=1 --repeats=3
 
-A training step is forward, softmax cross-entropy, backward and an SGD-with-momentum update on data held in
-memory, exactly as train.py runs it (`train.training_functions`), without the default's random shifts, which the
-peer does not make either. Rows, per input channels C and batch size B:
+A training step is the gather of a shuffled batch from a split held in memory, forward, softmax cross-entropy,
+backward and an SGD-with-momentum update, exactly as train.py runs it (`train.training_functions`), without the
+default's random shifts, which the peer does not make either; the peer gathers its batches from the same arrays
+(`workload.random_examples`). Rows, per input channels C and batch size B:
   step      one jitted call per batch (train_mode='step'), images/s
   epoch     a whole epoch in one jitted lax.scan (train_mode='epoch'), images/s
   sweep8    8 models in one vmapped step (num_models=8), model-images/s; compare with `step`, which is what 8
@@ -101,7 +102,8 @@ def prepare_tinycnn(batch_size: int, channels: int, mode: str):
 
 def prepare_torch(batch_size: int, channels: int, variant: str):
   steps = max(10, FLAGS.images_per_repeat // batch_size)
-  run_steps = torch_peer.prepare(batch_size, channels, variant, threads=FLAGS.threads)
+  data = workload.random_examples(steps * batch_size, channels)  # The very arrays tinycnn's rows train on.
+  run_steps = torch_peer.prepare(batch_size, channels, variant, threads=FLAGS.threads, data=data)
 
   def run():
     run_steps(steps)

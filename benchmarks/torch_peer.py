@@ -1,8 +1,8 @@
 """A PyTorch peer of tinycnn's training step, for throughput comparisons in the same process.
 
-It measures training images per second of one step -- forward, softmax cross-entropy, backward and an SGD
-update with momentum 0.9 -- of the network that `model.CNN` builds by default, on random images and labels
-held in memory as tensors:
+It measures training images per second of one step -- gathering a shuffled batch, forward, softmax cross-entropy,
+backward and an SGD update with momentum 0.9 -- of the network that `model.CNN` builds by default, on random images
+and labels held in memory as tensors:
 
     [B, C, 32, 32] -> conv1 5x5xCx3 VALID + relu -> maxpool 2x2 -> conv2 5x5x3x6 VALID + relu -> maxpool 2x2
                    -> flatten 150 (in tinycnn's 'hwc' order) -> fc1 100 + relu -> fc2 10 (logits)
@@ -94,24 +94,31 @@ def prepare(
   variant: str,
   warmup_steps: int = 5,
   threads: int = 2,
-  num_batches: int = 4,
+  data: dict[str, np.ndarray] | None = None,
   learning_rate: float = 0.01,
 ) -> Callable[[int], float]:
   """Builds and warms up one variant; returns `run(steps) -> seconds` for `steps` timed training steps.
 
-  The `num_batches` batches of random images are made up front and cycled, so data loading costs nothing.
+  Step i trains on batch i of a fixed shuffled order of `data` ({'image': [N, 32, 32, C] float32, 'label': [N]},
+  held in memory; by default 4 batches of N(0, 1) images), gathered from it as the step begins: the work tinycnn's
+  step does, and on the same arrays when the caller passes tinycnn's (benchmarks/throughput.py does).
   Callers that compare variants on a noisy machine can interleave the `run` calls of several variants.
   Raises whatever building or compiling the variant raises.
   """
   generator = torch.Generator().manual_seed(0)
-  memory_format = torch.channels_last if variant.endswith('channels_last') else torch.contiguous_format
-  batches = [
-    (
-      torch.rand(batch_size, channels, 32, 32, generator=generator).contiguous(memory_format=memory_format),
-      torch.randint(0, 10, (batch_size,), generator=generator),
-    )
-    for _ in range(num_batches)
-  ]
+  if data is None:
+    num_examples = 4 * batch_size
+    data = {
+      'image': torch.randn(num_examples, 32, 32, channels, generator=generator).numpy(),
+      'label': torch.randint(0, 10, (num_examples,), generator=generator).numpy(),
+    }
+  # [N, H, W, C] seen as [N, C, H, W]: channels_last already, so a gathered batch is too.
+  images = torch.from_numpy(data['image']).permute(0, 3, 1, 2)
+  if not variant.endswith('channels_last'):
+    images = images.contiguous()
+  labels = torch.from_numpy(data['label']).long()
+  num_batches = len(labels) // batch_size
+  order = torch.randperm(len(labels), generator=generator)[: num_batches * batch_size].reshape(num_batches, batch_size)
   _, step = make_step(batch_size, channels, variant, learning_rate)
 
   def run(steps: int) -> float:
@@ -120,7 +127,8 @@ def prepare(
     try:
       start = time.perf_counter()
       for i in range(steps):
-        loss = step(*batches[i % num_batches])
+        batch = order[i % num_batches]
+        loss = step(images[batch], labels[batch])
       loss.item()  # CPU ops are synchronous; this only guards against any deferred work.
       return time.perf_counter() - start
     finally:

@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+
+import train
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
 HAS_TORCH = importlib.util.find_spec('torch') is not None
@@ -82,11 +86,45 @@ def test_throughput_saves_every_row_it_prints_and_its_machine(tmp_path):
   assert saved['machine']['peak_gflops'] > 0 and f'Saved {output}' in result.stdout
 
 
-def test_workload_refuses_what_train_py_would_refuse(monkeypatch):
+@pytest.fixture
+def benchmarks_on_path(monkeypatch):
   monkeypatch.syspath_prepend(BENCHMARKS)
+
+
+def test_the_workload_refuses_what_train_py_would_refuse(benchmarks_on_path):
   import workload
 
   with pytest.raises(ValueError, match=r'input_shape=\(32, 32, 0\) is not valid'):
     workload.training_epoch(32, 0, 10, 'step')
   with pytest.raises(ValueError, match='config.num_models=0 is not valid'):
     workload.training_epoch(32, 1, 10, 'step', num_models=0)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason='torch is a benchmark-only dependency')
+@pytest.mark.parametrize('variant', ['eager', 'eager_channels_last'])
+def test_the_pytorch_peer_trains_the_same_network_with_the_same_optimiser(benchmarks_on_path, variant):
+  import torch
+  import torch_peer
+  import workload
+
+  batch_size, channels = 16, 3
+  config = workload.benchmark_config(batch_size, channels)
+  state = train.create_train_state(config, jax.random.key(0), steps_per_epoch=2)
+  peer, peer_step = torch_peer.make_step(batch_size, channels, variant)
+  torch_peer.load_flax_params(peer, state.params)
+  data = workload.random_examples(2 * batch_size, channels)
+  for step in range(2):  # The second update carries the first one's momentum.
+    batch = jax.tree.map(lambda x, step=step: x[step * batch_size : (step + 1) * batch_size], data)
+    state, metrics = jax.jit(train.train_step)(state, batch)
+    images = torch.from_numpy(batch['image']).permute(0, 3, 1, 2)  # [B, C, H, W], channels_last in memory.
+    if variant == 'eager':
+      images = images.contiguous()
+    loss = peer_step(images, torch.from_numpy(batch['label']).long())
+    np.testing.assert_allclose(loss.item(), metrics['loss_sum'] / batch_size, rtol=1e-5)
+  for name, params in state.params.items():
+    layer = getattr(peer, name)
+    kernel = np.asarray(params['kernel'])
+    np.testing.assert_allclose(
+      layer.weight.detach().numpy(), kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T, atol=1e-6
+    )
+    np.testing.assert_allclose(layer.bias.detach().numpy(), params['bias'], atol=1e-6)
