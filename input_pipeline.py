@@ -66,8 +66,9 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
   """{'image': float32 [N, 32, 32, C] normalised, 'label': int32 [N]} for split 'train', 'validation' or 'test'.
 
   With config.validation_size > 0 (default 0), 'validation' is the last validation_size examples of the train
-  split and 'train' is the rest. Raises a ValueError for an invalid setting and a FileNotFoundError, without touching
-  the network, when a tfds dataset is not prepared in config.data_dir.
+  split and 'train' is the rest. Raises a ValueError for an invalid setting (a config.batch_size larger than the
+  train split, say), before any image is read, and a FileNotFoundError, without touching the network, when a tfds
+  dataset is not prepared in config.data_dir.
   """
   if split not in SPLITS:
     raise ValueError(f'split={split!r} is not one of {SPLITS}.')
@@ -95,6 +96,8 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
       f'config.validation_size={validation_size} is not valid; it must be from 0 to {num_examples - 1}, '
       f'less than the {num_examples} examples of the {config.dataset} train split.'
     )
+  if split == 'train':
+    check_batch_size(config.batch_size, num_examples - validation_size)
   images, labels = read()
   if split != 'test':
     cut = len(labels) - validation_size

@@ -499,7 +499,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   train_data = place_replicated(input_pipeline.load_split(config, 'train'), mesh)
   eval_data = place_replicated(input_pipeline.load_split(config, eval_split), mesh)
   num_train = len(train_data['label'])
-  input_pipeline.check_batch_size(config.batch_size, num_train)
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
   total_steps = config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps or steps_per_epoch

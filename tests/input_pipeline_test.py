@@ -96,7 +96,7 @@ def test_embedded_default_imports_neither_tensorflow_nor_tfds():
     assert 'tensorflow' not in sys.modules and 'tensorflow_datasets' not in sys.modules, 'imported at the default'
     import tensorflow_datasets as tfds
     config = default.get_config()
-    config.dataset, config.data_dir = 'mnist', tempfile.mkdtemp()
+    config.dataset, config.data_dir, config.batch_size = 'mnist', tempfile.mkdtemp(), 2
     with tfds.testing.mock_data(num_examples=2):
       input_pipeline.load_split(config, 'train')
     assert 'tensorflow' not in sys.modules, 'imported by the tfds path'
@@ -133,7 +133,7 @@ def test_missing_tfds_data_fails_fast_with_instructions(in_config, tmp_path, mon
   assert not list(tmp_path.iterdir())  # Nothing downloaded or half-prepared.
 
 
-def test_an_impossible_validation_size_is_refused_before_any_image_is_read(monkeypatch, tmp_path):
+def test_an_impossible_validation_size_or_batch_size_is_refused_before_any_image_is_read(monkeypatch, tmp_path):
   open_split, reads = input_pipeline._open_split, []
 
   def counting_reads(*args):
@@ -147,6 +147,9 @@ def test_an_impossible_validation_size_is_refused_before_any_image_is_read(monke
       message = rf'validation_size={validation_size} is not valid; it must be from 0 to 5, less than the 6 examples'
       with pytest.raises(ValueError, match=message):
         input_pipeline.load_split(config, 'train')
+    config = _config(dataset='mnist', data_dir=str(tmp_path), validation_size=2, batch_size=5)
+    with pytest.raises(ValueError, match='config.batch_size=5 is not valid; it must be an integer from 1 to 4'):
+      input_pipeline.load_split(config, 'train')  # 6 examples, 2 of them held out.
     assert reads == []  # A split of 50,000 images would be read and decoded first.
     config = _config(dataset='mnist', data_dir=str(tmp_path), validation_size=5)
     assert len(input_pipeline.load_split(config, 'validation')['label']) == 5
@@ -269,6 +272,7 @@ def test_augment():
     ({}, 'valid', r"split='valid' is not one of \('train', 'validation', 'test'\)"),
     ({}, 'validation', r'config.validation_size >= 1'),
     ({'validation_size': 4000}, 'train', r'config.validation_size=4000 is not valid'),
+    ({'batch_size': 4001}, 'train', r'config.batch_size=4001 is not valid; it must be an integer from 1 to 4000'),
   ],
 )
 def test_load_split_errors(overrides, split, message):
