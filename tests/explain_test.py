@@ -19,9 +19,12 @@ def fast_compiles():
   """Most XLA optimisations off, as flax's tests do: these tests spend far more time compiling than running."""
   previous = jax.config.values['jax_disable_most_optimizations']
   jax.config.update('jax_disable_most_optimizations', True)
+  # Both ways: no test here runs a program compiled with the optimisations, nor a later test one compiled without.
+  # A sweep's initial parameters equal its single runs' bitwise only when both are compiled alike.
+  jax.clear_caches()
   yield
   jax.config.update('jax_disable_most_optimizations', previous)
-  jax.clear_caches()  # So that no later test runs a program compiled here.
+  jax.clear_caches()
 
 
 def assert_png(path):
