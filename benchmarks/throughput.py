@@ -27,6 +27,7 @@ of `model.layer_info`.
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -86,9 +87,13 @@ def training_flops_per_image(channels: int) -> int:
   return 3 * sum(forward.values()) - forward['conv1']
 
 
+def steps_per_repeat(batch_size: int) -> int:
+  return max(10, FLAGS.images_per_repeat // batch_size)
+
+
 def prepare_tinycnn(batch_size: int, channels: int, mode: str):
-  """Builds and warms up one mode; returns (run(repeat) -> (seconds, images), compile seconds)."""
-  steps = max(10, FLAGS.images_per_repeat // batch_size)
+  """Builds and warms up one mode on `workload.random_examples`; returns (run() -> images, compile seconds)."""
+  steps = steps_per_repeat(batch_size)
   train_mode, models = MODES[mode]
   train_epoch, _, compile_seconds = workload.training_epoch(batch_size, channels, steps, train_mode, models)
 
@@ -100,9 +105,9 @@ def prepare_tinycnn(batch_size: int, channels: int, mode: str):
   return run, compile_seconds
 
 
-def prepare_torch(batch_size: int, channels: int, variant: str):
-  steps = max(10, FLAGS.images_per_repeat // batch_size)
-  data = workload.random_examples(steps * batch_size, channels)  # The very arrays tinycnn's rows train on.
+def prepare_torch(batch_size: int, channels: int, variant: str, data: dict[str, np.ndarray]):
+  """Builds and warms up one PyTorch variant on `data`; returns (run() -> images, None)."""
+  steps = steps_per_repeat(batch_size)
   run_steps = torch_peer.prepare(batch_size, channels, variant, threads=FLAGS.threads, data=data)
 
   def run():
@@ -146,6 +151,8 @@ def reserve_output(output: str):
   overwritten and a path that cannot be written is refused now, not after the whole benchmark."""
   if os.path.lexists(output):
     raise app.UsageError(f'--output={output} exists; name a new file, or move that one away first.')
+  if not os.path.basename(output):
+    raise app.UsageError(f'--output={output} names a directory; name a file, such as {output}results.json.')
   try:
     os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
     return open(output, 'x')
@@ -157,6 +164,8 @@ def main(argv):
   del argv
   output = FLAGS.output or time.strftime('benchmarks/results/throughput_%Y%m%d_%H%M%S.json')
   with reserve_output(output) as output_file:
+    # A run stopped by `kill` or `timeout` then removes its empty output too, which would block the name next time.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
       results = measure()
     except BaseException:
@@ -191,9 +200,11 @@ def measure() -> dict:
       runners = {}
       for mode in FLAGS.modes:
         runners[mode] = prepare_tinycnn(batch_size, channels, mode)
+      # The arrays tinycnn's modes train on (workload.random_examples is seeded), held once for all variants.
+      data = workload.random_examples(steps_per_repeat(batch_size) * batch_size, channels) if torch_variants else None
       for variant in torch_variants:
         try:
-          runners[f'torch:{variant}'] = prepare_torch(batch_size, channels, variant)
+          runners[f'torch:{variant}'] = prepare_torch(batch_size, channels, variant, data)
         except Exception as error:  # noqa: BLE001 -- torch.compile needs a working toolchain; report, go on.
           print(f'C={channels} B={batch_size} torch:{variant} failed: {type(error).__name__}: {error}'.splitlines()[0])
       rates, cpu_per_wall = {name: [] for name in runners}, {name: [] for name in runners}

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -25,13 +26,15 @@ def run_script(name, *flags, cwd=None):
 @pytest.mark.parametrize(
   'script, flag, message',
   [
-    ('throughput.py', '--batch_sizes=128,0', '--batch_sizes must be one or more comma-separated integers >= 1'),
-    ('throughput.py', '--channels=-1', '--channels must be one or more comma-separated integers >= 1'),
-    ('throughput.py', '--batch_sizes=', '--batch_sizes must be one or more comma-separated integers >= 1'),
+    ('throughput.py', '--batch_sizes=128,0', 'batch_sizes must be one or more distinct comma-separated integers >= 1'),
+    ('throughput.py', '--channels=-1', '--channels must be one or more distinct comma-separated integers >= 1'),
+    ('throughput.py', '--batch_sizes=', '--batch_sizes must be one or more distinct comma-separated integers >= 1'),
     ('throughput.py', '--modes=step,stp', "--modes must be one or more of ('step', 'epoch', 'sweep8', 'sweep8_epoch')"),
+    ('throughput.py', '--modes=step,step', "('step', 'epoch', 'sweep8', 'sweep8_epoch'), comma-separated, each once"),
+    ('throughput.py', '--batch_sizes=32,032', '--batch_sizes must be one or more distinct comma-separated integers'),
     ('throughput.py', '--repeats=0', '--repeats=0: 0 is not a positive integer'),
     ('throughput.py', '--threads=0', '--threads=0: 0 is not a positive integer'),
-    ('conv_variants.py', '--batch_sizes=0', '--batch_sizes must be one or more comma-separated integers >= 1'),
+    ('conv_variants.py', '--batch_sizes=0', '--batch_sizes must be one or more distinct comma-separated integers >= 1'),
     ('profile_step.py', '--num_models=0', '--num_models=0: 0 is not a positive integer'),
     ('profile_step.py', '--steps=-3', '--steps=-3: -3 is not a positive integer'),
     pytest.param(
@@ -70,6 +73,42 @@ def test_throughput_never_overwrites_earlier_results(tmp_path):
   assert earlier.read_text() == '{"rows": "earlier"}'
 
 
+@pytest.mark.parametrize('output', ['a_dir/', 'results.json'], ids=['a directory', 'an existing file'])
+def test_throughput_refuses_an_output_that_is_not_a_new_file(tmp_path, output):
+  (tmp_path / 'results.json').write_text('{"rows": "earlier"}')
+  result = run_script('throughput.py', f'--output={tmp_path}/{output}')
+  assert result.returncode != 0
+  assert f'--output={tmp_path}/{output} ' in result.stderr and 'GFLOP/s' not in result.stdout
+  assert os.listdir(tmp_path) == ['results.json'] and (tmp_path / 'results.json').read_text() == '{"rows": "earlier"}'
+
+
+def test_a_throughput_run_stopped_by_sigterm_removes_its_reserved_output(tmp_path):
+  output = tmp_path / 'results.json'
+  command = [
+    sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--batch_sizes=32', '--channels=1', '--modes=step',
+    '--notorch', '--repeats=1000', '--nopin_cpus', f'--output={output}',
+  ]  # fmt: skip
+  with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'}) as run:
+    assert 'peak fp32 matmul' in run.stdout.readline()  # Printed once the output is reserved.
+    assert output.exists()
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=300) == 128 + signal.SIGTERM
+  assert os.listdir(tmp_path) == []  # So the same --output can be given again.
+
+
+@pytest.mark.parametrize('flags', [[], ['--mode=epoch', '--num_models=2']], ids=['step', 'epoch sweep'])
+def test_profile_step_groups_each_op_by_layer_pass_and_optimizer(tmp_path, flags):
+  result = run_script(
+    'profile_step.py', '--steps=2', '--batch_size=8', '--channels=1', '--top=1000', f'--trace_dir={tmp_path}', *flags
+  )
+  assert result.returncode == 0, result.stderr
+  groups = {line.split('ms/step')[1].split(':')[0].strip() for line in result.stdout.splitlines() if 'ms/step' in line}
+  layers = [
+    f'{layer} {direction}' for layer in ('conv1', 'conv2', 'fc1', 'fc2') for direction in ('forward', 'backward')
+  ]
+  assert set(layers) | {'optimizer'} <= groups
+
+
 def test_throughput_saves_every_row_it_prints_and_its_machine(tmp_path):
   output = tmp_path / 'new' / 'results.json'
   result = run_script(
@@ -98,6 +137,39 @@ def test_the_workload_refuses_what_train_py_would_refuse(benchmarks_on_path):
     workload.training_epoch(32, 0, 10, 'step')
   with pytest.raises(ValueError, match='config.num_models=0 is not valid'):
     workload.training_epoch(32, 1, 10, 'step', num_models=0)
+
+
+def test_the_workloads_random_examples_are_the_same_arrays_each_time(benchmarks_on_path):
+  import workload
+
+  # throughput.py's PyTorch rows train on a second call's arrays, tinycnn's on its own call's.
+  first, second = workload.random_examples(8, 3), workload.random_examples(8, 3)
+  assert first['image'].shape == (8, 32, 32, 3) and first['image'].dtype == np.float32
+  jax.tree.map(np.testing.assert_array_equal, first, second)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason='torch is a benchmark-only dependency')
+def test_the_pytorch_peer_gathers_each_batch_from_the_data_in_a_fixed_shuffled_order(benchmarks_on_path, monkeypatch):
+  import torch
+  import torch_peer
+
+  batches = []
+
+  def recording_step(images, labels):
+    batches.append((images.numpy(), labels.numpy()))
+    return torch.zeros(())
+
+  monkeypatch.setattr(torch_peer, 'make_step', lambda *args, **kwargs: (None, recording_step))
+  labels = np.arange(12, dtype=np.int32)  # Example i is labelled i and filled with i.
+  data = {'image': np.broadcast_to(labels[:, None, None, None], (12, 32, 32, 1)).astype(np.float32), 'label': labels}
+  torch_peer.prepare(4, 1, 'eager', warmup_steps=3, data=data)(6)  # A warm-up epoch of 3 batches, then 2 epochs.
+  order = [labels for _, labels in batches]
+  assert sorted(np.concatenate(order[:3])) == list(range(12)) and not np.array_equal(np.concatenate(order[:3]), labels)
+  np.testing.assert_array_equal(order[:3], order[3:6])  # The same order each epoch, as tinycnn's timed epochs.
+  np.testing.assert_array_equal(order[3:6], order[6:])
+  for images, labels in batches:
+    assert images.shape == (4, 1, 32, 32)
+    np.testing.assert_array_equal(images, np.broadcast_to(labels[:, None, None, None], images.shape))
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason='torch is a benchmark-only dependency')
