@@ -66,8 +66,8 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
   """{'image': float32 [N, 32, 32, C] normalised, 'label': int32 [N]} for split 'train', 'validation' or 'test'.
 
   With config.validation_size > 0 (default 0), 'validation' is the last validation_size examples of the train
-  split and 'train' is the rest. Raises a ValueError for an invalid setting (a config.batch_size larger than the
-  train split, say), before any image is read, and a FileNotFoundError, without touching the network, when a tfds
+  split and 'train' is the rest. Raises a ValueError for an invalid setting (for 'train', a config.batch_size larger
+  than the split, say) before any image is read, and a FileNotFoundError, without touching the network, when a tfds
   dataset is not prepared in config.data_dir.
   """
   if split not in SPLITS:
@@ -97,7 +97,7 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
       f'less than the {num_examples} examples of the {config.dataset} train split.'
     )
   if split == 'train':
-    check_batch_size(config.batch_size, num_examples - validation_size)
+    check_batch_size(config.batch_size, num_examples - validation_size, validation_size)
   images, labels = read()
   if split != 'test':
     cut = len(labels) - validation_size
@@ -170,12 +170,14 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
-def check_batch_size(batch_size: int, num_examples: int) -> None:
-  """Raises a ValueError unless 1 <= batch_size <= num_examples."""
+def check_batch_size(batch_size: int, num_examples: int, validation_size: int = 0) -> None:
+  """Raises a ValueError unless 1 <= batch_size <= num_examples, the training examples left after `validation_size`
+  were held out."""
   if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= num_examples:
+    held_out = f' left after validation_size={validation_size} held out' if validation_size else ''
     raise ValueError(
       f'config.batch_size={batch_size!r} is not valid; it must be an integer from 1 to {num_examples}, '
-      'the number of examples in the split.'
+      f'the number of training examples{held_out}.'
     )
 
 

@@ -174,7 +174,7 @@ def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, mod
       'fresh init of configs/default.py.'
     )
   config = load_config(workdir)
-  params, source = load_params(config, workdir, model_index)  # First: it checks model_index without reading data.
+  params, source = load_params(config, workdir, model_index)  # First: a model past the sweep is refused unread.
   data = input_pipeline.load_split(config, 'test')
   if not 0 <= index < len(data['label']):
     raise ValueError(f'index={index} is not valid; the {config.dataset} test split has examples 0 to '

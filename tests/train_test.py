@@ -407,6 +407,8 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'optimizer': 'rmsprop'}, r"config\.optimizer='rmsprop' .* \('sgd', 'momentum', 'adam', 'adamw'\)"),
     ({'schedule': 'linear'}, r"config\.schedule='linear' .* \('constant', 'cosine', 'warmup_cosine'\)"),
     ({'batch_size': 0}, r'config\.batch_size=0 .* integer >= 1'),
+    ({'batch_size': 4001}, r'config\.batch_size=4001 .* from 1 to 4000, the number of training examples\.'),
+    ({'validation_size': 1, 'batch_size': 4000}, r'config\.batch_size=4000 .* to 3999, .* validation_size=1 held out'),
     ({'num_epochs': 0}, r'config\.num_epochs=0 .* integer >= 1'),
     ({'learning_rate': 0.0}, r'config\.learning_rate=0\.0 .* > 0'),
     ({'learning_rate': float('nan')}, r'config\.learning_rate=nan .* finite'),
