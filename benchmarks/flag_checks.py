@@ -11,7 +11,7 @@ def define_positive_integers(name: str, default: list[str], help_text: str) -> N
   flags.DEFINE_list(name, default, help_text)
   flags.register_validator(
     name,
-    lambda values: _distinct(values) and all(value.isdecimal() and int(value) >= 1 for value in values),
+    lambda values: _one_or_more_distinct(values) and all(value.isdecimal() and int(value) >= 1 for value in values),
     f'--{name} must be one or more distinct comma-separated integers >= 1.',
   )
 
@@ -22,11 +22,11 @@ def define_choices(name: str, default: list[str] | None, choices: Sequence[str] 
   if choices is not None:
     flags.register_validator(
       name,
-      lambda values: values is None or (_distinct(values) and set(values) <= set(choices)),
+      lambda values: values is None or (_one_or_more_distinct(values) and set(values) <= set(choices)),
       f'--{name} must be one or more of {tuple(choices)}, comma-separated, each once.',
     )
 
 
-def _distinct(values: list[str]) -> bool:
+def _one_or_more_distinct(values: list[str]) -> bool:
   """At least one value, and none twice: a repeat would be measured again, or its row overwritten."""
   return bool(values) and len({int(v) if v.isdecimal() else v for v in values}) == len(values)
