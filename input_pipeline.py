@@ -1,9 +1,10 @@
 """Input pipeline: each split is loaded into memory once, and batch order is a pure function of (seed, epoch).
 
-`load_split` returns a whole split as normalised float32 arrays. `train_batch` gathers batch `step` of an epoch
-from it on the device, in the order `shuffled_batch_indices(shuffle_key, N, B)` and augmented with `augment_key`,
-the two keys of `epoch_keys(seed, epoch)`, so a resumed run continues mid-epoch exactly and a whole epoch can run
-inside one jitted loop; `eval_batches` covers a split exactly once.
+`load_split` returns a whole split as normalised float32 arrays (`load_example` reads one example of it).
+`train_batch` gathers batch `step` of an epoch from it on the device, in the order
+`shuffled_batch_indices(shuffle_key, N, B)` and augmented with `augment_key`, the two keys of
+`epoch_keys(seed, epoch)`, so a resumed run continues mid-epoch exactly and a whole epoch can run inside one jitted
+loop; `eval_batches` covers a split exactly once.
 
 Datasets: 'embedded_mnist' (the default: 5,000 real MNIST digits shipped in data/, see data/README.md) and the tfds
 datasets 'mnist', 'fashion_mnist' and 'cifar10', read through tfds' random-access data source. tfds is imported only
@@ -70,6 +71,31 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
   than the split, say) before any image is read, and a FileNotFoundError, without touching the network, when a tfds
   dataset is not prepared in config.data_dir.
   """
+  rows, read = _open(config, split)
+  if split == 'train':
+    check_batch_size(config.batch_size, len(rows), config.get('validation_size', 0))
+  return _normalised(config.dataset, *read(rows))
+
+
+def load_example(config: ml_collections.ConfigDict, split: str, index: int) -> tuple[np.ndarray, int]:
+  """(float32 [32, 32, C] normalised, label) of example `index` of a split, as `load_split` gives it.
+
+  Only that example is read (tfds' data sources are random-access); an `index` outside the split is refused first.
+  """
+  rows, read = _open(config, split)
+  if not 0 <= index < len(rows):
+    raise ValueError(
+      f'index={index} is not valid; the {config.dataset} {split} split has examples 0 to {len(rows) - 1}.'
+    )
+  example = _normalised(config.dataset, *read(rows[index : index + 1]))
+  return example['image'][0], int(example['label'][0])
+
+
+def _open(
+  config: ml_collections.ConfigDict, split: str
+) -> tuple[range, Callable[[range], tuple[np.ndarray, np.ndarray]]]:
+  """(the rows of the stored split that make up `split`, a function reading uint8 images [R, H, W, C] and labels
+  [R] of some of them), after checking the config against the dataset: nothing is read here."""
   if split not in SPLITS:
     raise ValueError(f'split={split!r} is not one of {SPLITS}.')
   if config.dataset not in DATASETS:
@@ -91,24 +117,25 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
       f'{config.dataset} (labels 0-{NUM_CLASSES - 1}); set config.model.num_classes = {NUM_CLASSES}.'
     )
   num_examples, read = _open_split(config.dataset, 'test' if split == 'test' else 'train', config.get('data_dir'))
-  if split != 'test' and not 0 <= validation_size < num_examples:
+  if split == 'test':
+    return range(num_examples), read
+  if not 0 <= validation_size < num_examples:
     raise ValueError(
       f'config.validation_size={validation_size} is not valid; it must be from 0 to {num_examples - 1}, '
       f'less than the {num_examples} examples of the {config.dataset} train split.'
     )
-  if split == 'train':
-    check_batch_size(config.batch_size, num_examples - validation_size, validation_size)
-  images, labels = read()
-  if split != 'test':
-    cut = len(labels) - validation_size
-    images, labels = (images[cut:], labels[cut:]) if split == 'validation' else (images[:cut], labels[:cut])
+  cut = num_examples - validation_size
+  return (range(cut, num_examples) if split == 'validation' else range(cut)), read
 
-  size = STORED_SIZES[config.dataset]
+
+def _normalised(dataset: str, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+  """uint8 [N, H, W, C] as stored -> load_split's {'image': float32 [N, 32, 32, C], 'label': int32 [N]}."""
+  size = STORED_SIZES[dataset]
   if images.shape[1:3] != (size, size):
-    raise ValueError(f'The {config.dataset} images read are {images.shape[1:3]}, not the {size}x{size} it stores.')
+    raise ValueError(f'The {dataset} images read are {images.shape[1:3]}, not the {size}x{size} it stores.')
   pad = (IMAGE_SIZE - size) // 2
   images = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  mean, std = normalisation(config.dataset)
+  mean, std = normalisation(dataset)
   normalised = images.astype(np.float32)  # In place from here: cifar10's train split is 600 MB as float32.
   normalised *= (1 / (255 * std)).astype(np.float32)
   normalised -= (mean / std).astype(np.float32)
@@ -117,16 +144,16 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
 
 def _open_split(
   dataset: str, split: str, data_dir: str | None
-) -> tuple[int, Callable[[], tuple[np.ndarray, np.ndarray]]]:
-  """(N, a function reading uint8 images [N, H, W, C] and labels [N]) of a stored split: N is known before a read."""
+) -> tuple[int, Callable[[range], tuple[np.ndarray, np.ndarray]]]:
+  """(N, a function reading the uint8 images [R, H, W, C] and labels [R] of some rows) of a stored split."""
   if dataset == 'embedded_mnist':
     with np.load(EMBEDDED_PATH) as npz:
       images, labels = npz[f'x_{split}'][..., None], npz[f'y_{split}']
-    return len(labels), lambda: (images, labels)
+    return len(labels), lambda rows: (images[rows.start : rows.stop], labels[rows.start : rows.stop])
   source = _tfds_source(dataset, split, data_dir)
 
-  def read():
-    examples = [source[i] for i in range(len(source))]
+  def read(rows: range):
+    examples = [source[i] for i in rows]
     return np.stack([ex['image'] for ex in examples]), np.array([ex['label'] for ex in examples], np.int32)
 
   return len(source), read

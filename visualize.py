@@ -175,14 +175,10 @@ def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, mod
     )
   config = load_config(workdir)
   params, source = load_params(config, workdir, model_index)  # First: a model past the sweep is refused unread.
-  data = input_pipeline.load_split(config, 'test')
-  if not 0 <= index < len(data['label']):
-    raise ValueError(f'index={index} is not valid; the {config.dataset} test split has examples 0 to '
-                     f'{len(data["label"]) - 1}.')  # fmt: skip
+  image, label = input_pipeline.load_example(config, 'test', index)
   # One folder per drawing, so that drawing another example or model keeps the pictures already drawn.
   of_sweep = f'_model_{model_index}' if config.get('num_models', 1) > 1 else ''
   out_dir = out_dir or os.path.join(workdir, 'pictures', f'test_example_{index}{of_sweep}')
-  image, label = data['image'][index], int(data['label'][index])
   cnn = model.create_model(config)
   outputs = cnn.apply({'params': params}, image[None], method=model.CNN.layer_outputs)
   outputs = {name: np.asarray(value[0]) for name, value in outputs.items()}

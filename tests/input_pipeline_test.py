@@ -85,6 +85,41 @@ def test_validation_is_the_held_out_tail_of_train(train_split):
   assert np.bincount(validation['label']).min() >= 30  # The train split is shuffled, not grouped by class.
 
 
+@pytest.mark.parametrize(
+  'split, index', [('test', 0), ('test', 999), ('train', 3499), ('validation', 0), ('validation', 499)]
+)
+def test_one_example_is_that_row_of_its_split(split, index):
+  config = _config(validation_size=500)
+  image, label = input_pipeline.load_example(config, split, index)
+  data = input_pipeline.load_split(config, split)
+  np.testing.assert_array_equal(image, data['image'][index])
+  assert label == data['label'][index] and isinstance(label, int)
+
+
+def test_one_tfds_example_is_that_row_of_its_split(tmp_path):
+  config = _config(dataset='cifar10', data_dir=str(tmp_path), input_shape=TFDS_SHAPES['cifar10'])
+  with tfds.testing.mock_data(num_examples=6):
+    image, label = input_pipeline.load_example(config, 'test', 4)
+    data = input_pipeline.load_split(config, 'test')
+  np.testing.assert_array_equal(image, data['image'][4])
+  assert label == data['label'][4]
+
+
+@pytest.mark.parametrize('split, index, last', [('test', 1000, 999), ('test', -1, 999), ('validation', 500, 499)])
+def test_an_example_outside_its_split_is_refused_before_any_image_is_read(monkeypatch, split, index, last):
+  open_split, reads = input_pipeline._open_split, []
+
+  def counting_reads(*args):
+    num_examples, read = open_split(*args)
+    return num_examples, lambda rows: reads.append(rows) or read(rows)
+
+  monkeypatch.setattr(input_pipeline, '_open_split', counting_reads)
+  message = rf'index={index} is not valid; the embedded_mnist {split} split has examples 0 to {last}\.'
+  with pytest.raises(ValueError, match=message):
+    input_pipeline.load_example(_config(validation_size=500), split, index)
+  assert reads == []
+
+
 def test_embedded_default_imports_neither_tensorflow_nor_tfds():
   # In a fresh interpreter, since other tests in this process import tfds. The mock tfds path must not need
   # TensorFlow either.
@@ -138,7 +173,7 @@ def test_an_impossible_validation_size_or_batch_size_is_refused_before_any_image
 
   def counting_reads(*args):
     num_examples, read = open_split(*args)
-    return num_examples, lambda: reads.append(args) or read()
+    return num_examples, lambda rows: reads.append(args) or read(rows)
 
   monkeypatch.setattr(input_pipeline, '_open_split', counting_reads)
   with tfds.testing.mock_data(num_examples=6):
@@ -346,6 +381,8 @@ def test_a_batch_may_be_the_whole_split_or_one_example():
 def test_images_of_another_size_than_the_dataset_stores_are_refused(monkeypatch, height, width):
   # The normalisation and the black a shift fills with are those of the stored size (28x28 digits, padded to 32).
   uint8_images = np.zeros((4, height, width, 1), np.uint8)
-  monkeypatch.setattr(input_pipeline, '_open_split', lambda *args: (4, lambda: (uint8_images, np.zeros(4, np.int32))))
+  monkeypatch.setattr(
+    input_pipeline, '_open_split', lambda *args: (4, lambda rows: (uint8_images, np.zeros(4, np.int32)))
+  )
   with pytest.raises(ValueError, match=rf'The mnist images read are \({height}, {width}\), not the 28x28 it stores'):
     input_pipeline.load_split(_config(dataset='mnist'), 'test')

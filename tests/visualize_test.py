@@ -136,12 +136,12 @@ def test_a_sweeps_model_is_drawn_with_its_own_learning_curves(tmp_path, monkeypa
   np.testing.assert_array_equal(train_loss.get_ydata(), [3.0, 2.0])  # Model 1's.
 
 
-def test_a_model_past_the_sweep_is_refused_before_the_test_split_is_read(tmp_path, monkeypatch):
+def test_a_model_past_the_sweep_is_refused_before_the_test_example_is_read(tmp_path, monkeypatch):
   config = default.get_config()
   config.num_models = 2
   workdir_lib.save_config(config, str(tmp_path), 0)
   splits_read = []
-  monkeypatch.setattr(input_pipeline, 'load_split', lambda config, split: splits_read.append(split))
+  monkeypatch.setattr(input_pipeline, 'load_example', lambda config, split, index: splits_read.append(split))
   with pytest.raises(ValueError, match=r'model=2 is not valid; the workdir holds models 0 to 1'):
     visualize.write_pictures(str(tmp_path), model_index=2)
   assert splits_read == [] and os.listdir(tmp_path) == ['config.json']
@@ -227,9 +227,11 @@ def test_a_sweeps_model_k_is_slice_k_of_its_checkpoint(tmp_path):
     jax.tree.map(lambda a, b, k=k: np.testing.assert_array_equal(a, b[k]), drawn, params)
 
 
-def test_invalid_index_names_the_range(tmp_path):
-  with pytest.raises(ValueError, match=r'index=1000 .* examples 0 to 999'):
-    visualize.write_pictures(str(tmp_path), index=1000)
+@pytest.mark.parametrize('index', [1000, -1])
+def test_invalid_index_names_the_range(tmp_path, index):
+  with pytest.raises(ValueError, match=rf'index={index} is not valid; the embedded_mnist test split .* 0 to 999'):
+    visualize.write_pictures(str(tmp_path), index=index)
+  assert os.listdir(tmp_path) == []
 
 
 def test_importing_the_drawing_tools_leaves_matplotlib_alone():
