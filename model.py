@@ -357,17 +357,18 @@ def create_model(config: ml_collections.ConfigDict) -> CNN:
   unknown = sorted(settings.keys() - set(known))
   if unknown:
     raise ValueError(f'config.model has no setting {", ".join(unknown)}; the settings are {known}.')
+  shape = config.input_shape
+  if not isinstance(shape, (tuple, list)) or len(shape) != 3 or not all(_is_integer(d) and d >= 1 for d in shape):
+    raise ValueError(
+      f'config.input_shape={shape!r} is not valid; it must be (height, width, channels), three integers >= 1.'
+    )
   model = CNN(**settings)
-  _output_shapes(model, config.input_shape)
+  _output_shapes(model, shape)
   return model
 
 
 def _output_shapes(model: CNN, input_shape: Sequence[int]):
   """Abstract params and layer outputs (in forward order) for one example: shapes only, no FLOPs."""
-  if len(input_shape) != 3 or any(not isinstance(d, int) or d < 1 for d in input_shape):
-    raise ValueError(
-      f'input_shape={tuple(input_shape)!r} is not valid; it must be (height, width, channels) of positive ints.'
-    )
   names = []
 
   def init(x):

@@ -116,6 +116,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       fail(name, 'it must be an integer >= 0 (0 means once per epoch)')
   if not is_integer(config.random_crop_padding) or config.random_crop_padding < 0:
     fail('random_crop_padding', 'it must be an integer >= 0, the most pixels an image moves (0: no shifts)')
+  if not isinstance(config.random_flip, bool):
+    fail('random_flip', 'it must be True or False')
+  if not is_integer(config.validation_size) or config.validation_size < 0:
+    fail('validation_size', 'it must be an integer >= 0, the train examples held out (0: evaluate on test)')
 
   def is_learning_rate(value):  # Stored as float32, where 1e39 is already inf.
     return is_number(value) and 0 < value <= float(np.finfo(np.float32).max)
@@ -504,10 +508,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   eval_every = config.eval_every_steps or steps_per_epoch
   checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
   if config.schedule == 'warmup_cosine' and warmup_steps(config, steps_per_epoch) < 1:
+    least = math.ceil(1e4 / steps_per_epoch) / 1e4
+    advice = (
+      f'use at least 1/{steps_per_epoch} of an epoch, {least:g} rounded up'
+      if least < config.num_epochs  # check_config wants warmup_epochs < num_epochs.
+      else f"the run's {total_steps} step(s) leave none after a warmup step: raise num_epochs or use schedule cosine"
+    )
     raise ValueError(
       f'config.warmup_epochs={config.warmup_epochs} is less than one of the {steps_per_epoch} steps of an epoch, '
-      f'so there would be no warmup; use at least 1/{steps_per_epoch} of an epoch, '
-      f'{math.ceil(1e4 / steps_per_epoch) / 1e4:g} rounded up.'
+      f'so there would be no warmup; {advice}.'
     )
   if config.train_mode == 'epoch':
     for name, every in (('eval_every_steps', eval_every), ('checkpoint_every_steps', checkpoint_every)):

@@ -431,6 +431,10 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'seed': 2**32}, r'config\.seed=4294967296 .* integer from 0 to'),  # A JAX key would take it as seed 0.
     ({'seed': 2**32 - 2, 'num_models': 3}, r'config\.seed=4294967294 .* = 4294967293 \(model k .* seed \+ k\)'),
     ({'seed': None}, r'config\.seed=None .* integer'),
+    ({'random_flip': None}, r'config\.random_flip=None is not valid; it must be True or False'),
+    ({'validation_size': None}, r'config\.validation_size=None is not valid; it must be an integer >= 0'),
+    ({'validation_size': -1}, r'config\.validation_size=-1 is not valid; it must be an integer >= 0'),
+    ({'input_shape': None}, r'config\.input_shape=None is not valid; .* three integers >= 1'),
     ({'num_models': 2, 'learning_rates': (0.1,)}, r'config\.learning_rates=\(0\.1,\) .* one finite .*\(num_models=2;'),
     ({'model': {'pool': 'median'}}, r"model\.pool='median' is not valid"),
   ],
@@ -439,6 +443,29 @@ def test_invalid_training_setting_is_named(overrides, message, tmp_path):
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(short_config(**overrides), str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')  # Refused before any work: not even the workdir is made.
+
+
+@pytest.mark.parametrize(
+  'batch_size, warmup_epochs, steps_per_epoch, least',
+  [(1000, 0.2, 4, '0.25'), (1500, 0.1, 2, '0.5'), (3, 0.0003, 1333, '0.0008')],
+)
+def test_a_warmup_shorter_than_a_step_is_refused_with_the_least_that_warms_up(
+  batch_size, warmup_epochs, steps_per_epoch, least, tmp_path
+):
+  config = short_config(schedule='warmup_cosine', batch_size=batch_size, warmup_epochs=warmup_epochs)
+  message = rf'is less than one of the {steps_per_epoch} steps .* at least 1/{steps_per_epoch} of an epoch, {least} '
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+  assert train.warmup_steps(short_config(warmup_epochs=float(least)), steps_per_epoch) == 1
+
+
+def test_a_run_too_short_to_warm_up_is_told_so_rather_than_given_a_warmup_it_would_refuse(tmp_path):
+  # One step an epoch and one epoch: a warmup of one step needs warmup_epochs = 1, which is not < num_epochs.
+  config = short_config(schedule='warmup_cosine', batch_size=4000, num_epochs=1, warmup_epochs=0.5)
+  with pytest.raises(ValueError, match=r"the run's 1 step\(s\) leave none after a warmup step: raise num_epochs"):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
 
 
 def test_the_edge_values_of_each_setting_are_valid():
