@@ -79,7 +79,8 @@ def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state)
     f'The checkpoint at step {step} in {manager.directory} {cause}:\n'
     + '\n'.join(f'  {name}: checkpoint {found.get(name)}, config {expected.get(name)}' for name in differences[:shown])
     + (f'\n  ... and {len(differences) - shown} more' if len(differences) > shown else '')
-    + '\nUse a new --workdir for this config; the existing checkpoints were left untouched.'
+    + '\nTrain this config in a new --workdir, or read these checkpoints with the config their run saved '
+    '(workdir.load_config); the existing checkpoints were left untouched.'
   )
 
 
@@ -193,18 +194,28 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> N
   """Saves config.json; a run whose config differs from the last one saved adds config_step<N>[_<i>].json.
 
   Overwrites none, so every change of config is on record and the last file is the config of the latest run. In a
-  multi-host run only process 0 writes.
+  multi-host run only process 0 writes. Raises ValueError, writing nothing, when a saved config is of a run that
+  started after `step`: its checkpoints are gone, and its config would be taken for this run's.
   """
   if jax.process_index() != 0:
     return
   text = config.to_json_best_effort(indent=2, sort_keys=True)
   saved = saved_configs(workdir)
+  if saved and _saved_order(saved[-1])[0] > step:
+    raise ValueError(
+      f'{saved[-1]} is the config of a run that started at step {_saved_order(saved[-1])[0]}, but this run starts '
+      f'at step {step}, so the checkpoints that run made are gone from {workdir}. Move the configs of the runs '
+      f"that started after step {step} out of the workdir (they would be taken for this run's), or use a new "
+      '--workdir; nothing was written.'
+    )
   if saved:
     with open(saved[-1]) as f:
       if f.read() == text:
         return
+  # config.json is the first run's alone: it sorts before every config_step<N>.json.
+  first = ['config.json'] if step == 0 and not saved else []
   names = itertools.chain(
-    ['config.json', f'config_step{step}.json'], (f'config_step{step}_{i}.json' for i in itertools.count(2))
+    first, [f'config_step{step}.json'], (f'config_step{step}_{i}.json' for i in itertools.count(2))
   )
   path = _first_unused(os.path.join(workdir, name) for name in names)
   if saved:

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import socket
@@ -151,11 +152,15 @@ def test_a_run_killed_after_its_last_checkpoint_writes_its_final_row_when_run_ag
   assert workdir_lib.read_metrics(workdir) == rows
 
 
-def test_resuming_past_num_epochs_is_refused(short_run, tmp_path):
+@pytest.mark.parametrize('latest', [124, 93])
+def test_resuming_past_num_epochs_is_refused(short_run, tmp_path, latest):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
+  if latest == 93:  # Mid-epoch: 1.5 epochs of 62 steps, so the least num_epochs is rounded up.
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', '124'))
   before = file_digests(workdir)
-  # The checkpoint is at step 124, two epochs of 62: one epoch would end before it and return its state as if it had.
-  with pytest.raises(ValueError, match=r'at step 124, past the 62 steps of config\.num_epochs=1; set num_epochs >= 2'):
+  # One epoch of 62 steps would end before the checkpoint and return its state as if it had.
+  message = rf'at step {latest}, past the 62 steps of config\.num_epochs=1; set num_epochs >= 2 '
+  with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(short_config(num_epochs=1), workdir)
   assert file_digests(workdir) == before  # No config saved, no metrics written, no checkpoint moved.
 
@@ -185,7 +190,8 @@ def test_incompatible_checkpoint_is_refused_and_kept(short_run, tmp_path, make_c
     truncate_every_file(os.path.join(workdir, 'checkpoints', '124'))
   before = file_digests(workdir)
   refusing_step = 124 if latest_readable else 93
-  with pytest.raises(ValueError, match=f'(?s)checkpoint at step {refusing_step} in .* {message}.*Use a new --workdir'):
+  advice = 'Train this config in a new --workdir, or read these checkpoints with the config their run saved'
+  with pytest.raises(ValueError, match=f'(?s)checkpoint at step {refusing_step} in .* {message}.*{advice}'):
     train.train_and_evaluate(make_config(), workdir)
   assert file_digests(workdir) == before
 
@@ -744,7 +750,7 @@ def assert_runs_agree(rows, expected):
   assert rows[-1]['accuracy'] == pytest.approx(expected[-1]['accuracy'], abs=0.01)
 
 
-def test_sweep_model_k_is_the_single_run_with_seed_k(short_run, tmp_path):
+def test_sweep_model_k_is_the_single_run_with_seed_k(short_run, tmp_path, caplog):
   sweep_config = short_config(num_models=2)
   for sweep_params, *single_params in zip(
     params_after_each_step(sweep_config),
@@ -756,8 +762,15 @@ def test_sweep_model_k_is_the_single_run_with_seed_k(short_run, tmp_path):
       assert_trees_close(jax.tree.map(lambda p, k=k: p[k], sweep_params), params, atol=1e-6)
 
   train.train_and_evaluate(short_config(seed=1), str(tmp_path / 'seed1'))
-  _, metrics = train.train_and_evaluate(sweep_config, str(tmp_path / 'sweep'))
+  with caplog.at_level('INFO'):
+    _, metrics = train.train_and_evaluate(sweep_config, str(tmp_path / 'sweep'))
   assert metrics['test_accuracy'].shape == (2,)
+  # The progress line counts model-images: each step trains 2 models on a batch.
+  rates = re.findall(r' ([\d.]+) steps/s (\d+) images/s', caplog.text)
+  assert len(rates) == 7  # Steps 20, 40, ..., 120 and 124.
+  for steps_per_second, images_per_second in rates:
+    images_per_step = 2 * sweep_config.batch_size
+    assert abs(int(images_per_second) - float(steps_per_second) * images_per_step) <= 0.05 * images_per_step + 0.5
   rows = workdir_lib.read_metrics(str(tmp_path / 'sweep'))
   for k, single_run in enumerate([short_run[0], str(tmp_path / 'seed1')]):
     assert_runs_agree([r for r in rows if r['model'] == k], workdir_lib.read_metrics(single_run))

@@ -65,6 +65,32 @@ def test_the_last_saved_config_is_the_latest_runs(tmp_path):
   assert json.loads((tmp_path / 'config_step0.json').read_text())['model']['conv_features'] == [12, 24]
 
 
+def test_a_resumed_run_in_a_workdir_without_config_json_saves_its_config_as_the_latest(tmp_path):
+  configs = [default.get_config() for _ in range(3)]
+  for config, learning_rate in zip(configs, (0.1, 0.2, 0.3), strict=True):
+    config.learning_rate = learning_rate
+  workdir.save_config(configs[0], str(tmp_path), 0)
+  workdir.save_config(configs[1], str(tmp_path), 8)
+  os.rename(tmp_path / 'config.json', tmp_path / 'damaged_config.json')  # As load_config's error advises.
+  workdir.save_config(configs[2], str(tmp_path), 16)
+  assert sorted(os.listdir(tmp_path)) == ['config_step16.json', 'config_step8.json', 'damaged_config.json']
+  assert workdir.load_config(str(tmp_path)).learning_rate == 0.3
+  assert workdir.load_config(str(tmp_path), 24).learning_rate == 0.3  # Checkpoint 24 is the latest run's.
+
+
+def test_a_run_starting_before_a_saved_runs_start_is_refused(tmp_path):
+  # The checkpoints were deleted after a run resumed at step 8: a new run starts from 0.
+  workdir.save_config(default.get_config(), str(tmp_path), 0)
+  changed = default.get_config()
+  changed.learning_rate = 0.1
+  workdir.save_config(changed, str(tmp_path), 8)
+  for config in (default.get_config(), changed):
+    message = r'config_step8\.json is the config of a run that started at step 8, but this run starts at step 0'
+    with pytest.raises(ValueError, match=message):
+      workdir.save_config(config, str(tmp_path), 0)
+  assert sorted(os.listdir(tmp_path)) == ['config.json', 'config_step8.json']
+
+
 def test_load_config_is_the_latest_run_before_the_checkpoint(tmp_path):
   for learning_rate, step in ((0.1, 0), (0.2, 62), (0.3, 124)):
     config = default.get_config()
