@@ -182,13 +182,15 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
   return float(loss), grad / len(labels)
 
 
-def _check_kernel(name: str, kernel, expected: tuple[int, ...]) -> None:
-  """The params must be those of the config's network: the kernel shapes are not taken on trust."""
-  if tuple(np.shape(kernel)) != expected:
-    raise ValueError(
-      f"params['{name}']['kernel'] has shape {tuple(np.shape(kernel))}, but config.model and the input give "
-      f'{expected} (kernel_size, conv_features, hidden_features or num_classes differ).'
-    )
+def _check_layer(name: str, layer: Mapping, kernel_shape: tuple[int, ...]) -> None:
+  """The params must be those of the config's network: the kernel and bias shapes are not taken on trust (a bias
+  of the wrong shape would broadcast)."""
+  for part, expected in (('kernel', kernel_shape), ('bias', kernel_shape[-1:])):
+    if tuple(np.shape(layer[part])) != expected:
+      raise ValueError(
+        f"params['{name}']['{part}'] has shape {tuple(np.shape(layer[part]))}, but config.model and the input give "
+        f'{expected} (kernel_size, conv_features, hidden_features or num_classes differ).'
+      )
 
 
 def forward(params: Mapping, model_config: Mapping, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -203,8 +205,8 @@ def forward(params: Mapping, model_config: Mapping, images: np.ndarray) -> tuple
   x = cache['input'] = np.asarray(images, np.float64)
   for i, features in enumerate(cnn.conv_features, start=1):
     layer = params[f'conv{i}']
+    _check_layer(f'conv{i}', layer, (cnn.kernel_size, cnn.kernel_size, x.shape[-1], features))
     kernel, bias = np.asarray(layer['kernel'], np.float64), np.asarray(layer['bias'], np.float64)
-    _check_kernel(f'conv{i}', kernel, (cnn.kernel_size, cnn.kernel_size, x.shape[-1], features))
     z = cache[f'conv{i}_pre'] = conv2d(x, kernel, bias, cnn.strides, cnn.padding)
     x = cache[f'conv{i}'] = f(z)
     x = cache[f'pool{i}'] = pool2d(x, cnn.pool, cnn.pool_window)
@@ -213,7 +215,7 @@ def forward(params: Mapping, model_config: Mapping, images: np.ndarray) -> tuple
   n_dense = len(cnn.hidden_features) + 1
   for i, features in enumerate((*cnn.hidden_features, cnn.num_classes), start=1):
     layer = params[f'fc{i}']
-    _check_kernel(f'fc{i}', layer['kernel'], (x.shape[-1], features))
+    _check_layer(f'fc{i}', layer, (x.shape[-1], features))
     z = x @ np.asarray(layer['kernel'], np.float64) + np.asarray(layer['bias'], np.float64)
     if i == n_dense:  # The logits: no activation.
       x = cache[f'fc{i}'] = z

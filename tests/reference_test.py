@@ -12,6 +12,7 @@ loose, enough to hide a mistake in any small entry. The forward pass is compared
 """
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -303,6 +304,16 @@ def test_params_of_another_network_are_refused(settings, message):
   params, images, _ = _data(config, batch=1)
   with pytest.raises(ValueError, match=message):
     reference.forward(params, {**config.model.to_dict(), **settings}, images)
+
+
+@pytest.mark.parametrize('layer, bias_shape', [('conv2', (1,)), ('fc2', ())])
+def test_a_bias_of_another_shape_is_refused_rather_than_broadcast(layer, bias_shape):
+  config = _config()
+  params, images, _ = _data(config, batch=1)
+  params = {**params, layer: {**params[layer], 'bias': np.zeros(bias_shape)}}
+  expected = re.escape(f"params['{layer}']['bias'] has shape {bias_shape}, but config.model and the input give (")
+  with pytest.raises(ValueError, match=expected):
+    reference.forward(params, config.model.to_dict(), images)
 
 
 def test_reference_same_padding_with_a_kernel_smaller_than_its_stride():
