@@ -170,9 +170,9 @@ def _tfds_source(name: str, split: str, data_dir: str | None):
   except (NotImplementedError, FileNotFoundError, KeyError):  # KeyError: no split found in tfds' default dirs.
     where = data_dir or 'the tfds default, $TFDS_DATA_DIR or ~/tensorflow_datasets'
     raise FileNotFoundError(
-      f'{name} is not prepared in a random-access format (array_record) in data_dir={where}. With a network and '
-      f'TensorFlow, prepare it once: `tfds build {name} --data_dir=DIR --file_format=array_record` (or in Python '
-      f"tfds.builder('{name}', data_dir=DIR, file_format='array_record').download_and_prepare()), then set "
+      f'{name} is not prepared in a random-access format (array_record) in data_dir={where}. With a network, '
+      f"prepare it once: python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='DIR', "
+      f"file_format='array_record').download_and_prepare()\" (the `tfds build` command needs apache-beam), then set "
       f'config.data_dir=DIR. Data prepared by tfds.load is tfrecord, which cannot be used. Or use the default '
       f"config.dataset='embedded_mnist', which needs no download."
     ) from None
