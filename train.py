@@ -160,7 +160,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] % jax.device_count():
       fail(name, f'it must divide evenly over the {jax.device_count()} devices (a multiple of {jax.device_count()})')
-  model.create_model(config)
+  model.create_model(config)  # Checks config.input_shape too.
+  side = min(config.input_shape[:2])
+  if config.random_crop_padding >= side:
+    fail('random_crop_padding', f'it must be below the {side}-pixel side of the images, or a shift could move one out')
 
 
 def create_train_state(

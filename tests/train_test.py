@@ -437,6 +437,7 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'seed': 2**32}, r'config\.seed=4294967296 .* integer from 0 to'),  # A JAX key would take it as seed 0.
     ({'seed': 2**32 - 2, 'num_models': 3}, r'config\.seed=4294967294 .* = 4294967293 \(model k .* seed \+ k\)'),
     ({'seed': None}, r'config\.seed=None .* integer'),
+    ({'random_crop_padding': 32}, r'config\.random_crop_padding=32 .* below the 32-pixel side of the images'),
     ({'random_flip': None}, r'config\.random_flip=None is not valid; it must be True or False'),
     ({'validation_size': None}, r'config\.validation_size=None is not valid; it must be an integer >= 0'),
     ({'validation_size': -1}, r'config\.validation_size=-1 is not valid; it must be an integer >= 0'),
@@ -477,6 +478,7 @@ def test_a_run_too_short_to_warm_up_is_told_so_rather_than_given_a_warmup_it_wou
 def test_the_edge_values_of_each_setting_are_valid():
   for overrides in (
     {'random_crop_padding': 0},
+    {'random_crop_padding': 31},
     {'eval_every_steps': 0, 'checkpoint_every_steps': 0},
     {'optimizer': 'momentum', 'momentum': 0.0, 'weight_decay': 0.0, 'grad_clip_norm': 0.0},
     {'seed': 2**32 - 3, 'num_models': 3},
