@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 import input_pipeline
 import model
 import train
+import workdir as workdir_lib
 from configs import default
 
 EXPERIMENTS = ('flatten', 'channels', 'invariance')
@@ -121,7 +122,9 @@ def _plot_runs(ax, runs: dict) -> None:
 
 
 def _save(fig, path: str) -> str:
+  """Saves `fig` as `path` (<name>.png), or as <name>_2.png, ... when an earlier run's picture is there."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  path = workdir_lib.unused_path(*os.path.splitext(path))
   fig.savefig(path, dpi=110)
   return path
 
@@ -495,7 +498,7 @@ def run(experiment: str, out_dir: str, num_epochs: int) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  os.makedirs(flags.FLAGS.out_dir, exist_ok=True)  # A path that cannot be a directory fails now, not after training.
+  os.makedirs(flags.FLAGS.out_dir, exist_ok=True)  # A path that cannot be made fails now, not after training.
   train.tune_cpu_runtime()
   run(flags.FLAGS.experiment, flags.FLAGS.out_dir, flags.FLAGS.num_epochs)
 
@@ -503,7 +506,8 @@ def main(argv):
 if __name__ == '__main__':
   # Defined here rather than at import, as in train.py, so that importing this module defines no flags.
   flags.DEFINE_enum('experiment', None, EXPERIMENTS, 'Which claim to test.')
-  flags.DEFINE_string('out_dir', 'runs/explain', 'Directory for the PNG.')
+  flags.DEFINE_string('out_dir', 'runs/explain', 'Directory for the PNG (<experiment>_2.png, ... if one is there).')
+  flags.register_validator('out_dir', lambda path: not os.path.isfile(path), '--out_dir names a file, not a directory')
   flags.DEFINE_integer('num_epochs', 3, "Training epochs of every run, fewer than the default config's.", lower_bound=1)
   flags.mark_flag_as_required('experiment')
   app.run(main)

@@ -14,7 +14,7 @@ import logging as std_logging
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -84,9 +84,11 @@ def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state)
   )
 
 
-def _first_unused(paths: Iterable[str]) -> str:
-  """The first of `paths` that does not exist: how nothing already in the workdir is overwritten."""
-  return next(path for path in paths if not os.path.exists(path))
+def unused_path(stem: str, suffix: str = '', taken: Callable[[str], bool] = os.path.exists) -> str:
+  """stem + suffix, or the first of stem_2 + suffix, stem_3 + suffix, ... that is not `taken` (by default, that
+  does not exist): how nothing a run or a drawing wrote is overwritten."""
+  candidates = itertools.chain([stem], (f'{stem}_{i}' for i in itertools.count(2)))
+  return next(path for path in (candidate + suffix for candidate in candidates) if not taken(path))
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: str, *, set_aside_corrupt: bool):
@@ -126,10 +128,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
           )
         ) from error
       # The same step may have been set aside before, by a run that then made it again.
-      quarantine = _first_unused(
-        os.path.join(workdir, 'corrupt_checkpoints', name)
-        for name in itertools.chain([str(step)], (f'{step}_{i}' for i in itertools.count(2)))
-      )
+      quarantine = unused_path(os.path.join(workdir, 'corrupt_checkpoints', str(step)))
       logging.error(
         'Checkpoint %d cannot be read (%s: %s); moving it to %s and resuming from the one before.',
         step, type(error).__name__, error, quarantine,
@@ -212,12 +211,10 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> N
     with open(saved[-1]) as f:
       if f.read() == text:
         return
-  # config.json is the first run's alone: it sorts before every config_step<N>.json.
-  first = ['config.json'] if step == 0 and not saved else []
-  names = itertools.chain(
-    first, [f'config_step{step}.json'], (f'config_step{step}_{i}.json' for i in itertools.count(2))
-  )
-  path = _first_unused(os.path.join(workdir, name) for name in names)
+  if step == 0 and not saved:  # config.json is the first run's alone: it sorts before every config_step<N>.json.
+    path = os.path.join(workdir, 'config.json')
+  else:
+    path = unused_path(os.path.join(workdir, f'config_step{step}'), '.json')
   if saved:
     logging.warning('The config differs from %s; saving this one as %s.', saved[-1], path)
   with open(f'{path}.tmp', 'w') as f:

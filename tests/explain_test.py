@@ -1,10 +1,15 @@
 """The three experiments of explain.py with tiny settings: the facts they show hold, and each writes its PNG."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
 
 import explain
 import model
@@ -31,6 +36,25 @@ def assert_png(path):
   with open(path, 'rb') as f:
     assert f.read(8) == PNG_SIGNATURE
   assert np.std(matplotlib.image.imread(path)[..., :3]) > 0.05
+
+
+def test_a_picture_of_an_earlier_run_is_kept(tmp_path):
+  paths = []
+  for colour in ('red', 'blue'):
+    fig = Figure(figsize=(2, 2))
+    fig.subplots().plot([0, 1], color=colour)
+    paths.append(explain._save(fig, str(tmp_path / 'flatten.png')))
+  assert paths == [str(tmp_path / 'flatten.png'), str(tmp_path / 'flatten_2.png')]
+  assert not np.array_equal(*(matplotlib.image.imread(path) for path in paths))
+
+
+def test_an_out_dir_that_is_a_file_is_refused_as_the_flags_are_parsed(tmp_path):
+  (tmp_path / 'notes').write_text('mine')
+  script = os.path.join(os.path.dirname(explain.__file__), 'explain.py')
+  command = [sys.executable, script, '--experiment=flatten', f'--out_dir={tmp_path / "notes"}']
+  result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and '--out_dir names a file, not a directory' in result.stderr
+  assert (tmp_path / 'notes').read_text() == 'mine'
 
 
 def test_flatten_orders_follow_one_loss_curve(tmp_path):

@@ -60,6 +60,7 @@ def test_fresh_init_draws_every_layer(tmp_path):
   with pytest.raises(ValueError, match=r'--workdir=.*no_checkpoint is not a directory'):  # A mistyped path, say.
     visualize.write_pictures(str(workdir))
   workdir.mkdir()
+  (tmp_path / 'pictures').mkdir()  # An empty folder is drawn into, not beside.
   paths = visualize.write_pictures(str(workdir), out_dir=str(tmp_path / 'pictures'), index=3)
   assert [os.path.basename(p) for p in paths] == LAYER_PICTURES  # No metrics.jsonl, so no learning curves.
   for path in paths:
@@ -158,9 +159,12 @@ def test_trained_run_draws_every_layer_and_the_learning_curves(trained_workdir):
   for path in paths:
     assert os.path.dirname(path) == os.path.join(trained_workdir, 'pictures', 'test_example_0')
     assert_png_not_blank(path)
-  # Another example goes beside the first, not over it.
+  # Another example goes beside the first, and the same example drawn again (after more training, say) too: into
+  # test_example_0_2, not over the first drawing.
   written = {path: os.stat(path).st_mtime_ns for path in paths}
   assert os.path.dirname(visualize.write_pictures(trained_workdir, index=1)[0]).endswith('test_example_1')
+  again = visualize.write_pictures(trained_workdir)
+  assert {os.path.dirname(path) for path in again} == {os.path.join(trained_workdir, 'pictures', 'test_example_0_2')}
   assert {path: os.stat(path).st_mtime_ns for path in paths} == written
   _, source = visualize.load_params(visualize.load_config(trained_workdir), trained_workdir)
   assert source == 'checkpoint at step 62'

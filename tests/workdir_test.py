@@ -28,6 +28,15 @@ def test_each_change_of_config_is_saved_and_none_is_overwritten(tmp_path):
   assert latest == ['config.json', 'config_step62.json', 'config_step62_2.json', 'config_step62_3.json']
 
 
+def test_unused_path_numbers_from_2_and_takes_what_is_free(tmp_path):
+  stem = str(tmp_path / 'flatten')
+  assert workdir.unused_path(stem, '.png') == f'{stem}.png'
+  (tmp_path / 'flatten.png').touch()
+  (tmp_path / 'flatten_3.png').touch()
+  assert workdir.unused_path(stem, '.png') == f'{stem}_2.png'
+  assert workdir.unused_path(stem, '.png', taken=lambda path: not path.endswith('_4.png')) == f'{stem}_4.png'
+
+
 def test_a_config_appears_whole_or_not_at_all(tmp_path, monkeypatch):
   workdir.save_config(default.get_config(), str(tmp_path), 0)
   changed = default.get_config()
