@@ -497,6 +497,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   `lax.scan`. config.num_models = K > 1 trains K models side by side with `jax.vmap` (state and metrics get a
   leading [K] axis). With several devices the batch is split over them and the parameters replicated.
   """
+  setup_start = time.perf_counter()
   check_config(config)
   eval_split = 'validation' if config.validation_size else 'test'
   mesh = device_mesh()
@@ -551,6 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   # Placed as the compiled step takes it, rather than on one device and moved at every step.
   epoch_order = jax.jit(functions.epoch_order, out_shardings=replicated)
   compile_start = time.perf_counter()
+  setup_seconds = compile_start - setup_start
   if start_step < total_steps:  # A finished run is only evaluated.
     if config.train_mode == 'epoch':
       jitted_epoch = jit_with_xla_options(functions.train_epoch, donate_argnums=0)
@@ -651,8 +653,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     manager.close()
     writer.close()
   logging.info(
-    'Time: compile %.1f s, train %.1f s (with logging and checkpoints), eval %.1f s.',
-    compile_seconds, train_seconds, eval_seconds,
+    'Time: setup %.1f s (data, initial state, checkpoint), compile %.1f s, train %.1f s (with logging and '
+    'checkpoints), eval %.1f s.',
+    setup_seconds, compile_seconds, train_seconds, eval_seconds,
   )  # fmt: skip
   return state, {f'{eval_split}_{name}': (value if sweep else float(value)) for name, value in eval_metrics.items()}
 
