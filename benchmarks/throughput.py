@@ -20,8 +20,9 @@ threads busy all along): PyTorch's threads wait for each other at every op, so l
 far more than XLA, and a figure well under the thread count flags a disturbed run. The process is pinned to
 `--threads` CPUs, so that XLA's thread pool and PyTorch's both have that many (--nopin_cpus on a GPU or TPU
 host). The compile time of `train_step` is printed per (C, B). Results are also saved as JSON, in a new file per
-run. The `peak` line times a 4096x4096 fp32 matmul, the machine's practical peak; GFLOP/s count the nominal FLOPs
-of `model.layer_info`.
+run, with the versions and every flag's value; a run stopped early saves the rows it measured, marked
+"complete": false. The `peak` line times a 4096x4096 fp32 matmul, the machine's practical peak; GFLOP/s count
+the nominal FLOPs of `model.layer_info`.
 """
 
 import json
@@ -69,7 +70,14 @@ flag_checks.define_choices(
 )
 flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant.', lower_bound=1)
 flags.DEFINE_integer('images_per_repeat', 16384, 'Training images per timed repeat (at least 10 steps).', lower_bound=1)
-flags.DEFINE_integer('threads', 2, 'CPUs the process is pinned to, and threads of the PyTorch peer.', lower_bound=1)
+AVAILABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+flags.DEFINE_integer(
+  'threads', min(2, AVAILABLE_CPUS), 'CPUs the process is pinned to, and threads of the PyTorch peer (default 2).',
+  lower_bound=1,
+)  # fmt: skip
+flags.register_validator(
+  'threads', lambda threads: threads <= AVAILABLE_CPUS, f'--threads must be at most the {AVAILABLE_CPUS} CPUs available'
+)
 flags.DEFINE_bool('pin_cpus', True, 'Pin the process to --threads CPUs; --nopin_cpus on a GPU or TPU host.')
 flags.DEFINE_string(
   'output', None,
@@ -160,23 +168,34 @@ def reserve_output(output: str):
     raise app.UsageError(f'--output={output} cannot be written: {error}') from None
 
 
+def flag_values() -> dict:
+  """{name: value} of this script's flags as run, defaults included."""
+  modules = (sys.argv[0], flag_checks.__name__)  # absl files a script's own flags under its path.
+  return {flag.name: flag.value for module in modules for flag in FLAGS.get_flags_for_module(module)}
+
+
 def main(argv):
   del argv
   output = FLAGS.output or time.strftime('benchmarks/results/throughput_%Y%m%d_%H%M%S.json')
   with reserve_output(output) as output_file:
-    # A run stopped by `kill` or `timeout` then removes its empty output too, which would block the name next time.
+    # A run stopped by `kill` or `timeout` then saves what it measured too (or removes its empty output).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    results = {'complete': False, 'machine': {}, 'rows': []}
     try:
-      results = measure()
-    except BaseException:
-      os.remove(output)  # The empty file reserved above; nothing else is there.
-      raise
-    json.dump(results, output_file, indent=1)
+      measure(results)
+      results['complete'] = True
+    finally:
+      if results['rows']:
+        json.dump(results, output_file, indent=1)
+        if not results['complete']:
+          print(f'Stopped: saved the {len(results["rows"])} rows measured to {output}, marked "complete": false.')
+      else:
+        os.remove(output)  # The empty file reserved above: nothing was measured.
   print(f'Saved {output}; load average {results["machine"]["load_average_end"]:.2f} at the end')
 
 
-def measure() -> dict:
-  """Times every (C, B, variant) of the flags, printing a row each; returns {'machine': {...}, 'rows': [...]}."""
+def measure(results: dict) -> None:
+  """Times every (C, B, variant) of the flags, printing a row each, into results' 'machine' and 'rows'."""
   if FLAGS.pin_cpus and hasattr(os, 'sched_setaffinity'):
     # Before jax starts its CPU client, which sizes its pool by these CPUs. Not on an accelerator's host, whose
     # compiler uses every CPU: on an H100's, pinned to 2, train_step took 18 s to compile, not 2.3 s.
@@ -184,16 +203,18 @@ def measure() -> dict:
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   train.tune_cpu_runtime()  # As train.py does; the PyTorch peer, in this process too, gets it as well.
   peak = peak_gflops()
-  machine = {
+  machine = results['machine']
+  machine.update({
     'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(), 'cpu': cpu_model(), 'cpus': cpus,
     'platform': platform.platform(), 'peak_gflops': peak, 'load_average_start': os.getloadavg()[0],
-  }  # fmt: skip
+    'jax': jax.__version__, 'jaxlib': jax.lib.__version__,
+    'torch': torch_peer.torch.__version__ if torch_peer else None, 'flags': flag_values(),
+  })  # fmt: skip
   print(f'{machine["device"]} ({machine["backend"]}): {machine["cpu"]}, {cpus} CPUs, jax {jax.__version__}; '
         f'peak fp32 matmul {peak:.0f} GFLOP/s; load average {machine["load_average_start"]:.2f}')  # fmt: skip
   torch_variants = (FLAGS.torch_variants or list(torch_peer.VARIANTS)) if torch_peer and FLAGS.torch else []
   if FLAGS.torch and not torch_peer:
     print('torch is not installed: no PyTorch peer rows (pip install -r benchmarks/requirements.txt).')
-  results = []
   for channels in map(int, FLAGS.channels):
     flops = training_flops_per_image(channels)
     for batch_size in map(int, FLAGS.batch_sizes):
@@ -226,7 +247,7 @@ def measure() -> dict:
           'gflops': median * flops / 1e9 if nominal else None,
           'fraction_of_peak': median * flops / 1e9 / peak if nominal else None,
         }  # fmt: skip
-        results.append(row)
+        results['rows'].append(row)
         print(
           f'C={channels} B={batch_size:5} {name:28} {median:9.0f} img/s ({min(r):.0f}-{max(r):.0f})'
           f'  cpu {row["cpu_seconds_per_second"]:.2f}'
@@ -236,7 +257,6 @@ def measure() -> dict:
           flush=True,
         )
   machine['load_average_end'] = os.getloadavg()[0]
-  return {'machine': machine, 'rows': results}
 
 
 if __name__ == '__main__':

@@ -34,6 +34,7 @@ def run_script(name, *flags, cwd=None):
     ('throughput.py', '--batch_sizes=32,032', '--batch_sizes must be one or more distinct comma-separated integers'),
     ('throughput.py', '--repeats=0', '--repeats=0: 0 is not a positive integer'),
     ('throughput.py', '--threads=0', '--threads=0: 0 is not a positive integer'),
+    ('throughput.py', f'--threads={len(os.sched_getaffinity(0)) + 1}', '--threads must be at most the'),
     ('conv_variants.py', '--batch_sizes=0', '--batch_sizes must be one or more distinct comma-separated integers >= 1'),
     ('profile_step.py', '--num_models=0', '--num_models=0: 0 is not a positive integer'),
     ('profile_step.py', '--steps=-3', '--steps=-3: -3 is not a positive integer'),
@@ -70,6 +71,22 @@ def test_throughput_refuses_an_output_that_is_not_a_new_file_before_any_work(tmp
   assert f'--output={tmp_path}/{output} {message}' in result.stderr
   assert 'GFLOP/s' not in result.stdout  # Refused before the peak matmul, the first thing measured.
   assert os.listdir(tmp_path) == ['results.json'] and (tmp_path / 'results.json').read_text() == '{"rows": "earlier"}'
+
+
+def test_a_throughput_run_stopped_after_a_row_saves_the_rows_measured_as_incomplete(tmp_path):
+  output = tmp_path / 'results.json'
+  command = [
+    sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--batch_sizes=32', '--channels=1,3', '--modes=step',
+    '--notorch', '--repeats=1', '--images_per_repeat=320', '--nopin_cpus', f'--output={output}',
+  ]  # fmt: skip
+  with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'}) as run:
+    assert 'peak fp32 matmul' in run.stdout.readline()
+    assert run.stdout.readline().startswith('C=1 B=   32 step')
+    run.send_signal(signal.SIGTERM)  # While C=3's step compiles.
+    assert run.wait(timeout=300) == 128 + signal.SIGTERM
+    assert 'Stopped: saved the 1 rows measured' in run.stdout.read()
+  saved = json.loads(output.read_text())
+  assert saved['complete'] is False and [(row['channels'], row['variant']) for row in saved['rows']] == [(1, 'step')]
 
 
 def test_a_throughput_run_stopped_by_sigterm_removes_its_reserved_output(tmp_path):
@@ -112,7 +129,14 @@ def test_throughput_saves_every_row_it_prints_and_its_machine(tmp_path):
     (3, 32, 'step'),
   ]
   assert all(row['images_per_second_median'] > 0 and row['compile_seconds'] > 0 for row in saved['rows'])
-  assert saved['machine']['peak_gflops'] > 0 and f'Saved {output}' in result.stdout
+  assert saved['complete'] is True and saved['machine']['peak_gflops'] > 0 and f'Saved {output}' in result.stdout
+  # How the table was made: the versions, and every flag of the script with its value, defaults included.
+  assert saved['machine']['jax'] == jax.__version__
+  assert saved['machine']['flags'] == {
+    'batch_sizes': ['32'], 'channels': ['1', '3'], 'modes': ['step'], 'torch': False, 'torch_variants': None,
+    'repeats': 1, 'images_per_repeat': 320, 'threads': min(2, len(os.sched_getaffinity(0))), 'pin_cpus': False,
+    'output': str(output),
+  }  # fmt: skip
 
 
 @pytest.fixture
