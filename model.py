@@ -332,14 +332,15 @@ class CNN(nn.Module):
     for i, features in enumerate(self.conv_features, start=1):
       conv = Conv(features, self.kernel_size, self.strides, self.padding, self.pool_window, name=f'conv{i}')
       y = conv(x)
-      activations = activation(y)
-      outputs[f'conv{i}'] = window_map(activations)  # For probes; the model itself pools the windows layout.
-      if self.pool == 'max' and self.activation in NON_DECREASING_ACTIVATIONS:
-        # max(f(a), f(b)) = f(max(a, b)) for a non-decreasing f, so f runs on a quarter of the values (step 1.04x);
-        # under jit the full-map activations above, used only by probes, are then not computed at all.
-        x = outputs[f'pool{i}'] = activation(pool_windows(y, 'max'))
-      else:
-        x = outputs[f'pool{i}'] = pool_windows(activations, self.pool)
+      with jax.named_scope(f'pool{i}'):  # Not a module: the scope names its ops in profiles (profile_step.py).
+        activations = activation(y)
+        outputs[f'conv{i}'] = window_map(activations)  # For probes; the model itself pools the windows layout.
+        if self.pool == 'max' and self.activation in NON_DECREASING_ACTIVATIONS:
+          # max(f(a), f(b)) = f(max(a, b)) for a non-decreasing f, so f runs on a quarter of the values (step
+          # 1.04x); under jit the full-map activations above, used only by probes, are then not computed at all.
+          x = outputs[f'pool{i}'] = activation(pool_windows(y, 'max'))
+        else:
+          x = outputs[f'pool{i}'] = pool_windows(activations, self.pool)
     perm = flatten_permutation(self.flatten_order, x.shape[1:], self.flatten_seed)
     x = outputs['flatten'] = x.reshape(x.shape[0], -1)[:, perm]
     for i, features in enumerate((*self.hidden_features, self.num_classes), start=1):

@@ -38,8 +38,13 @@ flags.DEFINE_integer('steps', 20, 'Traced training steps (one epoch of them in e
 flags.DEFINE_enum('mode', 'step', ('step', 'epoch'), "train.py's train_mode: a jitted call per step, or one scan.")
 flags.DEFINE_integer('num_models', 1, 'Models trained side by side with jax.vmap (config.num_models).', lower_bound=1)
 flags.DEFINE_integer('top', 12, 'Groups to print.', lower_bound=1)
-flags.DEFINE_string('trace_dir', 'benchmarks/results/trace', 'Where the jax.profiler trace is written.')
+flags.DEFINE_string(
+  'trace_dir',
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'trace'),
+  'Where the jax.profiler trace is written (default: benchmarks/results/trace).',
+)
 
+# pool<i> is conv i's activation and pooling (`model.CNN` names them with jax.named_scope).
 LAYERS = ('conv1', 'conv2', 'pool1', 'pool2', 'fc1', 'fc2')
 
 
