@@ -44,6 +44,7 @@ import workload  # noqa: E402
 
 import model  # noqa: E402
 import train  # noqa: E402
+import workdir as workdir_lib  # noqa: E402
 from configs import default  # noqa: E402
 
 try:
@@ -176,7 +177,11 @@ def flag_values() -> dict:
 
 def main(argv):
   del argv
-  output = FLAGS.output or time.strftime('benchmarks/results/throughput_%Y%m%d_%H%M%S.json')
+  # The default is beside this script whatever the working directory, and never an earlier run's file.
+  default = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), 'results', time.strftime('throughput_%Y%m%d_%H%M%S')
+  )
+  output = FLAGS.output or workdir_lib.unused_path(default, '.json')
   with reserve_output(output) as output_file:
     # A run stopped by `kill` or `timeout` then saves what it measured too (or removes its empty output).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

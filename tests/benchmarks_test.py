@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,7 +112,9 @@ def test_profile_step_groups_each_op_by_layer_pass_and_optimizer(tmp_path, flags
   assert result.returncode == 0, result.stderr
   groups = {line.split('ms/step')[1].split(':')[0].strip() for line in result.stdout.splitlines() if 'ms/step' in line}
   layers = [
-    f'{layer} {direction}' for layer in ('conv1', 'conv2', 'fc1', 'fc2') for direction in ('forward', 'backward')
+    f'{layer} {direction}'
+    for layer in ('conv1', 'pool1', 'conv2', 'pool2', 'fc1', 'fc2')
+    for direction in ('forward', 'backward')
   ]
   assert set(layers) | {'optimizer'} <= groups
 
@@ -137,6 +140,20 @@ def test_throughput_saves_every_row_it_prints_and_its_machine(tmp_path):
     'repeats': 1, 'images_per_repeat': 320, 'threads': min(2, len(os.sched_getaffinity(0))), 'pin_cpus': False,
     'output': str(output),
   }  # fmt: skip
+
+
+def test_throughputs_default_output_is_beside_the_script_whatever_the_working_directory(tmp_path):
+  result = run_script(
+    'throughput.py', '--batch_sizes=32', '--channels=1', '--modes=step', '--notorch', '--repeats=1',
+    '--images_per_repeat=64', '--nopin_cpus', cwd=tmp_path,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr
+  output = re.search(r'^Saved (\S+);', result.stdout, re.MULTILINE)[1]
+  try:
+    assert os.path.dirname(output) == os.path.join(BENCHMARKS, 'results') and os.listdir(tmp_path) == []
+    assert re.fullmatch(r'throughput_\d{8}_\d{6}(_\d+)?\.json', os.path.basename(output))
+  finally:
+    os.remove(output)
 
 
 @pytest.fixture
