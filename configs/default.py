@@ -23,15 +23,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.validation_size = 0  # > 0 holds out the end of the train split and evaluates on it instead of test.
 
   config.model = ml_collections.ConfigDict()
-  config.model.conv_features = (3, 6)
+  config.model.conv_features = (3, 6)  # Filters per conv layer; each spans all of its input's channels.
   config.model.kernel_size = 5
-  config.model.strides = 1
-  config.model.padding = 'VALID'
-  config.model.pool = 'max'
+  config.model.strides = 1  # >= 1.
+  config.model.padding = 'VALID'  # Or 'SAME'.
+  config.model.pool = 'max'  # Or 'avg'.
   config.model.pool_window = 2
-  config.model.activation = 'relu'
-  config.model.hidden_features = (100,)
+  config.model.activation = 'relu'  # Or 'tanh', 'sigmoid', 'gelu'.
+  config.model.hidden_features = (100,)  # Dense layers between the flatten and the logits; () for none.
   config.model.num_classes = 10
+  # The order the pooled volume is flattened in: 'hwc', 'chw' or 'random' (a permutation drawn from flatten_seed).
+  # Any fixed order computes the same function, with fc1's rows permuted to match.
   config.model.flatten_order = 'hwc'
   config.model.flatten_seed = 0
 
