@@ -1,11 +1,12 @@
 """A run's workdir: orbax checkpoints of its TrainState, its saved config and its metrics.
 
-    workdir/config.json         the config (a run with a config other than the last saved adds config_step<N>.json)
+    workdir/config.json         the first run's config (a run with another config adds config_step<N>.json)
     workdir/checkpoints/<step>  orbax checkpoints, the newest config.max_checkpoints_to_keep
     workdir/metrics.jsonl       {"step", "split", "loss", "accuracy"} per line (and "model" in a sweep)
     workdir/events.out.*        the same scalars for TensorBoard (workdir/model_<k>/ per model of a sweep)
 
-Nothing a user wrote is overwritten or deleted: an unreadable checkpoint is moved to workdir/corrupt_checkpoints/.
+Nothing a user wrote is overwritten or deleted: an unreadable checkpoint is moved to workdir/corrupt_checkpoints/,
+and the config of a run whose checkpoints are gone, once a run starts before it, to workdir/superseded_configs/.
 """
 
 import itertools
@@ -190,23 +191,27 @@ def load_config(workdir: str, checkpoint_step: int | None = None) -> ml_collecti
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
-  """Saves config.json; a run whose config differs from the last one saved adds config_step<N>[_<i>].json.
+  """Saves the config of a run starting at `step`: config.json for a workdir's first run, and
+  config_step<N>[_<i>].json for a later run whose config differs from the last one saved.
 
-  Overwrites none, so every change of config is on record and the last file is the config of the latest run. In a
-  multi-host run only process 0 writes. Raises ValueError, writing nothing, when a saved config is of a run that
-  started after `step`: its checkpoints are gone, and its config would be taken for this run's.
+  Overwrites none, so every change of config is on record and the last file is the config of the latest run. The
+  configs of runs that started after `step` (their checkpoints deleted, or set aside as corrupt) would be taken for
+  this run's: they are moved to workdir/superseded_configs/. In a multi-host run only process 0 writes.
   """
   if jax.process_index() != 0:
     return
   text = config.to_json_best_effort(indent=2, sort_keys=True)
   saved = saved_configs(workdir)
-  if saved and _saved_order(saved[-1])[0] > step:
-    raise ValueError(
-      f'{saved[-1]} is the config of a run that started at step {_saved_order(saved[-1])[0]}, but this run starts '
-      f'at step {step}, so the checkpoints that run made are gone from {workdir}. Move the configs of the runs '
-      f"that started after step {step} out of the workdir (they would be taken for this run's), or use a new "
-      '--workdir; nothing was written.'
-    )
+  while saved and _saved_order(saved[-1])[0] > step:
+    superseded = saved.pop()
+    stem, suffix = os.path.splitext(os.path.basename(superseded))
+    destination = unused_path(os.path.join(workdir, 'superseded_configs', stem), suffix)
+    logging.warning(
+      'Moving %s to %s: its run started at step %d, after this run\'s start at step %d, and its checkpoints are gone.',
+      superseded, destination, _saved_order(superseded)[0], step,
+    )  # fmt: skip
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    os.replace(superseded, destination)
   if saved:
     with open(saved[-1]) as f:
       if f.read() == text:

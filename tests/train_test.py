@@ -135,10 +135,11 @@ def test_finished_run_is_not_retrained(short_run, caplog):
   with caplog.at_level('INFO'):
     again, again_metrics = train.train_and_evaluate(short_config(), workdir)
   assert 'learning-rate schedule' not in caplog.text
-  # Nothing is left to train, so nothing is compiled.
-  assert re.search(
-    r'Time: setup [\d.]+ s \(data, initial state, checkpoint\), compile 0\.0 s, train 0\.0 s', caplog.text
+  # Nothing is left to train, so nothing is compiled; the setup (reading the data and the checkpoint) takes time.
+  setup = re.search(
+    r'Time: setup ([\d.]+) s \(data, initial state, checkpoint\), compile 0\.0 s, train 0\.0 s', caplog.text
   )
+  assert float(setup[1]) > 0
   assert file_digests(os.path.join(workdir, 'checkpoints')) == before
   assert workdir_lib.read_metrics(workdir) == rows  # Evaluated again, but no step retrained and no metrics row written.
   assert_trees_bitwise_equal(again.params, state.params)
@@ -313,6 +314,25 @@ def test_a_run_resumed_before_a_corrupt_checkpoint_records_its_config_and_checkp
   assert sorted(os.listdir(tmp_path / 'corrupt_checkpoints')) == ['16', '16_2']
 
 
+def test_a_run_restarting_from_scratch_after_its_only_checkpoint_was_set_aside_moves_the_later_config_aside(tmp_path):
+  train.train_and_evaluate(tiny_config(num_epochs=1, max_checkpoints_to_keep=1), str(tmp_path))  # Checkpoint 8.
+  # Resumed at 8 with another learning rate (config_step8.json): checkpoint 16 replaces 8.
+  resumed = tiny_config(max_checkpoints_to_keep=1, learning_rate=1e-3)
+  train.train_and_evaluate(resumed, str(tmp_path))
+  truncate_every_file(str(tmp_path / 'checkpoints' / '16'))
+  state, _ = train.train_and_evaluate(resumed, str(tmp_path))  # 16 set aside, none left: a new run from 0.
+  assert os.listdir(tmp_path / 'corrupt_checkpoints') == ['16']
+  assert os.listdir(tmp_path / 'superseded_configs') == ['config_step8.json']
+  assert workdir_lib.load_config(str(tmp_path), 16).learning_rate == 1e-3  # This run's, saved as config_step0.json.
+  assert sorted(name for name in os.listdir(tmp_path) if name.startswith('config')) == [
+    'config.json',
+    'config_step0.json',
+  ]
+  params, step = train.load_params(resumed, str(tmp_path))
+  assert step == 16
+  assert_trees_bitwise_equal(params, state.params)
+
+
 def test_an_unreadable_checkpoint_is_set_aside_by_training_only_and_two_stop_it(tmp_path):
   config = tiny_config(checkpoint_every_steps=5)
   train.train_and_evaluate(config, str(tmp_path))  # Checkpoints 10, 15 and 16.
@@ -453,6 +473,13 @@ def test_invalid_training_setting_is_named(overrides, message, tmp_path):
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(short_config(**overrides), str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')  # Refused before any work: not even the workdir is made.
+
+
+def test_random_flip_must_be_a_bool_where_the_config_lets_an_int_in(tmp_path):
+  config = short_config(random_flip=None)
+  config.random_flip = 1  # A ConfigDict keeps a field's type, but a field that was None takes any.
+  with pytest.raises(ValueError, match=r'config\.random_flip=1 is not valid; it must be True or False'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 @pytest.mark.parametrize(

@@ -87,17 +87,27 @@ def test_a_resumed_run_in_a_workdir_without_config_json_saves_its_config_as_the_
   assert workdir.load_config(str(tmp_path), 24).learning_rate == 0.3  # Checkpoint 24 is the latest run's.
 
 
-def test_a_run_starting_before_a_saved_runs_start_is_refused(tmp_path):
-  # The checkpoints were deleted after a run resumed at step 8: a new run starts from 0.
-  workdir.save_config(default.get_config(), str(tmp_path), 0)
+def test_a_run_starting_before_a_saved_runs_start_moves_that_config_aside(tmp_path):
+  # A run resumed at step 8 with lr 0.1 (config_step8.json); then its checkpoints were deleted, or set aside as
+  # corrupt, and a run starts from 0 again: config_step8.json would be taken for its config.
   changed = default.get_config()
   changed.learning_rate = 0.1
+  workdir.save_config(default.get_config(), str(tmp_path), 0)
   workdir.save_config(changed, str(tmp_path), 8)
-  for config in (default.get_config(), changed):
-    message = r'config_step8\.json is the config of a run that started at step 8, but this run starts at step 0'
-    with pytest.raises(ValueError, match=message):
-      workdir.save_config(config, str(tmp_path), 0)
-  assert sorted(os.listdir(tmp_path)) == ['config.json', 'config_step8.json']
+  (tmp_path / 'superseded_configs').mkdir()
+  (tmp_path / 'superseded_configs' / 'config_step8.json').write_text('{"from": "an earlier time"}')
+  workdir.save_config(changed, str(tmp_path), 0)
+  assert sorted(os.listdir(tmp_path)) == ['config.json', 'config_step0.json', 'superseded_configs']
+  moved = tmp_path / 'superseded_configs'
+  assert sorted(os.listdir(moved)) == ['config_step8.json', 'config_step8_2.json']
+  assert json.loads((moved / 'config_step8_2.json').read_text())['learning_rate'] == 0.1
+  assert workdir.load_config(str(tmp_path)).learning_rate == 0.1
+  assert workdir.load_config(str(tmp_path), 8).learning_rate == 0.1  # Checkpoint 8 is now the new run's.
+
+
+def test_a_first_run_resumed_from_a_checkpoint_alone_saves_config_step_n(tmp_path):
+  workdir.save_config(default.get_config(), str(tmp_path), 16)  # Every config was moved out of the workdir.
+  assert os.listdir(tmp_path) == ['config_step16.json']
 
 
 def test_load_config_is_the_latest_run_before_the_checkpoint(tmp_path):
