@@ -359,9 +359,10 @@ def create_model(config: ml_collections.ConfigDict) -> CNN:
   if unknown:
     raise ValueError(f'config.model has no setting {", ".join(unknown)}; the settings are {known}.')
   shape = config.input_shape
-  if not isinstance(shape, (tuple, list)) or len(shape) != 3 or not all(_is_integer(d) and d >= 1 for d in shape):
+  # Python ints: a saved config (JSON) keeps no NumPy integer.
+  if not isinstance(shape, (tuple, list)) or len(shape) != 3 or not all(type(d) is int and d >= 1 for d in shape):
     raise ValueError(
-      f'config.input_shape={shape!r} is not valid; it must be (height, width, channels), three integers >= 1.'
+      f'config.input_shape={shape!r} is not valid; it must be (height, width, channels), three Python ints >= 1.'
     )
   model = CNN(**settings)
   _output_shapes(model, shape)
