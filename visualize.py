@@ -6,8 +6,8 @@ The config is the last one the workdir's runs saved (config.json, or the latest 
 configs/default.py) and the parameters come from the workdir's latest checkpoint; without one, a fresh init is
 drawn and every title says so. The image is test example --index of the config's dataset. When
 <workdir>/metrics.jsonl exists, the learning curves are drawn too. The PNGs go to
-<workdir>/pictures/test_example_<index>[_model_<k>]/ unless --out_dir says otherwise; a folder that already holds
-files is kept, and the PNGs go to <folder>_2/ (or _3, ...) beside it.
+<workdir>/pictures/test_example_<index>[_model_<k>]/ (or, when that is there already, <folder>_2/, _3, ...),
+unless --out_dir names a new or empty directory for them.
 """
 
 import os
@@ -63,11 +63,6 @@ def read_metrics(workdir: str, model_index: int = 0) -> dict[str, dict[int, dict
     if row.get('model', 0) == model_index:
       metrics.setdefault(row['split'], {})[row['step']] = row
   return metrics
-
-
-def _listing(path: str) -> list[str]:
-  """The names in directory `path`; none if it is not one."""
-  return os.listdir(path) if os.path.isdir(path) else []
 
 
 def _shape(array) -> str:
@@ -174,6 +169,8 @@ def _draw_learning_curves(metrics: dict[str, dict[int, dict]]):
 def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, model_index: int = 0) -> list[str]:
   """Draws test example `index` through the network of `workdir` (model `model_index` of a sweep); returns the paths
   of the PNGs written."""
+  if out_dir is not None and (os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir))):
+    raise ValueError(f'--out_dir={out_dir} already holds files; name a new or empty directory, so none is overwritten.')
   if not os.path.isdir(workdir):
     raise ValueError(
       f'--workdir={workdir} is not a directory. Give a training workdir, or an existing empty directory to draw a '
@@ -182,14 +179,12 @@ def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, mod
   config = load_config(workdir)
   params, source = load_params(config, workdir, model_index)  # First: a model past the sweep is refused unread.
   image, label = input_pipeline.load_example(config, 'test', index)
-  # One folder per drawing, so that drawing another example or model keeps the pictures already drawn; a folder
-  # that holds files (an earlier drawing, of another checkpoint, say) gets a sibling <folder>_2, ...
-  of_sweep = f'_model_{model_index}' if config.get('num_models', 1) > 1 else ''
-  out_dir = out_dir or os.path.join(workdir, 'pictures', f'test_example_{index}{of_sweep}')
-  asked = os.path.normpath(out_dir)
-  out_dir = workdir_lib.unused_path(asked, taken=lambda path: os.path.isfile(path) or bool(_listing(path)))
-  if out_dir != asked:
-    logging.warning('%s already holds files; drawing into %s instead.', asked, out_dir)
+  if out_dir is None:
+    # One folder per drawing, so that drawing another example or model keeps the pictures already drawn, and one
+    # drawn again (of a later checkpoint, say) goes to <folder>_2, ...
+    of_sweep = f'_model_{model_index}' if config.get('num_models', 1) > 1 else ''
+    folder = os.path.join(workdir, 'pictures', f'test_example_{index}{of_sweep}')
+    out_dir = workdir_lib.unused_path(folder, taken=os.path.lexists)
   cnn = model.create_model(config)
   outputs = cnn.apply({'params': params}, image[None], method=model.CNN.layer_outputs)
   outputs = {name: np.asarray(value[0]) for name, value in outputs.items()}
@@ -264,8 +259,7 @@ if __name__ == '__main__':
   flags.DEFINE_string(
     'out_dir',
     None,
-    'Where to write the PNGs (<out_dir>_2, ... if it holds files); default '
-    '<workdir>/pictures/test_example_<index>[_model_<k>].',
+    'A new or empty directory for the PNGs; default <workdir>/pictures/test_example_<index>[_model_<k>][_<i>].',
   )
   flags.DEFINE_integer('index', 0, 'Which test example to draw.')
   flags.DEFINE_integer('model', 0, 'Which model of a sweep (config.num_models > 1) to draw.')

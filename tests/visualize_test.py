@@ -68,6 +68,20 @@ def test_fresh_init_draws_every_layer(tmp_path):
     assert_png_not_blank(path)
 
 
+@pytest.mark.parametrize('existing', ['a file', 'a directory holding one'])
+def test_an_out_dir_that_holds_files_is_refused_before_anything_is_read(tmp_path, monkeypatch, existing):
+  out_dir = tmp_path / 'pictures'
+  if existing == 'a file':
+    out_dir.write_text('mine')
+  else:
+    out_dir.mkdir()
+    (out_dir / '09_probabilities.png').write_text('an earlier drawing')
+  monkeypatch.setattr(visualize, 'load_config', lambda workdir: pytest.fail('the workdir was read'))
+  with pytest.raises(ValueError, match=rf'--out_dir={out_dir} already holds files; name a new or empty directory'):
+    visualize.write_pictures(str(tmp_path), out_dir=str(out_dir))
+  assert sorted(os.listdir(tmp_path)) == ['pictures']
+
+
 def drawn_figures(monkeypatch) -> dict:
   """{picture name: figure} of every PNG the next write_pictures draws, recorded as it saves them."""
   figures = {}
