@@ -80,7 +80,8 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
 def load_example(config: ml_collections.ConfigDict, split: str, index: int) -> tuple[np.ndarray, int]:
   """(float32 [32, 32, C] normalised, label) of example `index` of a split, as `load_split` gives it.
 
-  Only that example is read (tfds' data sources are random-access); an `index` outside the split is refused first.
+  An `index` outside the split is refused before any image is read; a tfds dataset then reads only that example
+  (its data sources are random-access), the embedded one its small array.
   """
   rows, read = _open(config, split)
   if not 0 <= index < len(rows):

@@ -71,10 +71,10 @@ flag_checks.define_choices(
 )
 flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant.', lower_bound=1)
 flags.DEFINE_integer('images_per_repeat', 16384, 'Training images per timed repeat (at least 10 steps).', lower_bound=1)
-AVAILABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+AVAILABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 flags.DEFINE_integer(
-  'threads', min(2, AVAILABLE_CPUS), 'CPUs the process is pinned to, and threads of the PyTorch peer (default 2).',
-  lower_bound=1,
+  'threads', min(2, AVAILABLE_CPUS), 'CPUs the process is pinned to, and threads of the PyTorch peer (default 2, '
+  'or the CPUs available if fewer).', lower_bound=1,
 )  # fmt: skip
 flags.register_validator(
   'threads', lambda threads: threads <= AVAILABLE_CPUS, f'--threads must be at most the {AVAILABLE_CPUS} CPUs available'
@@ -191,7 +191,7 @@ def main(argv):
       results['complete'] = True
     finally:
       if results['rows']:
-        json.dump(results, output_file, indent=1)
+        output_file.write(json.dumps(results, indent=1))  # Encoded first: a second interrupt cannot cut it short.
         if not results['complete']:
           print(f'Stopped: saved the {len(results["rows"])} rows measured to {output}, marked "complete": false.')
       else:

@@ -16,6 +16,7 @@ import train
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
 HAS_TORCH = importlib.util.find_spec('torch') is not None
+AVAILABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
 
 def run_script(name, *flags, cwd=None):
@@ -35,7 +36,7 @@ def run_script(name, *flags, cwd=None):
     ('throughput.py', '--batch_sizes=32,032', '--batch_sizes must be one or more distinct comma-separated integers'),
     ('throughput.py', '--repeats=0', '--repeats=0: 0 is not a positive integer'),
     ('throughput.py', '--threads=0', '--threads=0: 0 is not a positive integer'),
-    ('throughput.py', f'--threads={len(os.sched_getaffinity(0)) + 1}', '--threads must be at most the'),
+    ('throughput.py', f'--threads={AVAILABLE_CPUS + 1}', '--threads must be at most the'),
     ('conv_variants.py', '--batch_sizes=0', '--batch_sizes must be one or more distinct comma-separated integers >= 1'),
     ('profile_step.py', '--num_models=0', '--num_models=0: 0 is not a positive integer'),
     ('profile_step.py', '--steps=-3', '--steps=-3: -3 is not a positive integer'),
@@ -137,7 +138,7 @@ def test_throughput_saves_every_row_it_prints_and_its_machine(tmp_path):
   assert saved['machine']['jax'] == jax.__version__
   assert saved['machine']['flags'] == {
     'batch_sizes': ['32'], 'channels': ['1', '3'], 'modes': ['step'], 'torch': False, 'torch_variants': None,
-    'repeats': 1, 'images_per_repeat': 320, 'threads': min(2, len(os.sched_getaffinity(0))), 'pin_cpus': False,
+    'repeats': 1, 'images_per_repeat': 320, 'threads': min(2, AVAILABLE_CPUS), 'pin_cpus': False,
     'output': str(output),
   }  # fmt: skip
 
