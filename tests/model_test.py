@@ -54,6 +54,13 @@ class ShapesTest(parameterized.TestCase):
       params = jax.eval_shape(lambda: model.init_params(make_config(1), jax.random.key(0)))
     self.assertEqual(set(leaf.dtype for leaf in jax.tree.leaves(params)), {jnp.dtype('float32')})
 
+  @parameterized.parameters((1, 0), (3, 4))
+  def test_init_params_compiled_are_flaxs_init_run_op_by_op_bitwise(self, channels, seed):
+    config = make_config(channels)
+    images = jnp.zeros((1, *config.input_shape), jnp.float32)
+    op_by_op = model.create_model(config).init(jax.random.key(seed), images)['params']
+    jax.tree.map(np.testing.assert_array_equal, model.init_params(config, jax.random.key(seed)), op_by_op)
+
   @parameterized.parameters((1, 16_644), (3, 16_794))
   def test_param_shapes_and_count(self, channels, count):
     params = model.init_params(make_config(channels), jax.random.key(0))

@@ -464,7 +464,7 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'random_flip': None}, r'config\.random_flip=None is not valid; it must be True or False'),
     ({'validation_size': None}, r'config\.validation_size=None is not valid; it must be an integer >= 0'),
     ({'validation_size': -1}, r'config\.validation_size=-1 is not valid; it must be an integer >= 0'),
-    ({'input_shape': None}, r'config\.input_shape=None is not valid; .* three integers >= 1'),
+    ({'input_shape': None}, r'config\.input_shape=None is not valid; .* three Python ints >= 1'),
     ({'num_models': 2, 'learning_rates': (0.1,)}, r'config\.learning_rates=\(0\.1,\) .* one finite .*\(num_models=2;'),
     ({'model': {'pool': 'median'}}, r"model\.pool='median' is not valid"),
   ],
