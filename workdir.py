@@ -266,14 +266,16 @@ class MetricWriter:
     self._jsonl = open(path, 'a')
     if ends_mid_line:
       self._jsonl.write('\n')  # A run killed mid-write left a partial line; start on a fresh one.
-    logdirs = [workdir] if num_models == 1 else [os.path.join(workdir, f'model_{k}') for k in range(num_models)]
-    self._tensorboards = [tensorboardX.SummaryWriter(logdir) for logdir in logdirs]
+    self._logdirs = [workdir] if num_models == 1 else [os.path.join(workdir, f'model_{k}') for k in range(num_models)]
+    self._tensorboards = []  # Opened at the first write: a run that writes nothing adds no event file.
 
   def write(self, step: int, split: str, scalars: dict[str, np.ndarray]) -> None:
     """Scalars of shape [] (one model) or [K] (a sweep)."""
     if not self._writes:
       return
-    sweep = len(self._tensorboards) > 1
+    if not self._tensorboards:
+      self._tensorboards = [tensorboardX.SummaryWriter(logdir) for logdir in self._logdirs]
+    sweep = len(self._logdirs) > 1
     for k, tensorboard in enumerate(self._tensorboards):
       values = {name: float(np.reshape(value, -1)[k]) for name, value in scalars.items()}
       self._jsonl.write(json.dumps({'step': step, 'split': split, **({'model': k} if sweep else {}), **values}) + '\n')

@@ -131,6 +131,7 @@ def test_checkpoints_and_config_are_saved(short_run):
 def test_finished_run_is_not_retrained(short_run, caplog):
   workdir, state, metrics = short_run
   before = file_digests(os.path.join(workdir, 'checkpoints'))
+  listing = sorted(os.listdir(workdir))
   rows = workdir_lib.read_metrics(workdir)
   with caplog.at_level('INFO'):
     again, again_metrics = train.train_and_evaluate(short_config(), workdir)
@@ -142,6 +143,7 @@ def test_finished_run_is_not_retrained(short_run, caplog):
   assert float(setup[1]) > 0
   assert file_digests(os.path.join(workdir, 'checkpoints')) == before
   assert workdir_lib.read_metrics(workdir) == rows  # Evaluated again, but no step retrained and no metrics row written.
+  assert sorted(os.listdir(workdir)) == listing  # Not even an empty TensorBoard event file.
   assert_trees_bitwise_equal(again.params, state.params)
   assert again_metrics == metrics
 
