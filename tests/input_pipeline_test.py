@@ -106,19 +106,25 @@ def test_one_tfds_example_is_that_row_of_its_split(tmp_path):
   assert label == data['label'][4]
 
 
-@pytest.mark.parametrize('split, index, last', [('test', 1000, 999), ('test', -1, 999), ('validation', 500, 499)])
-def test_an_example_outside_its_split_is_refused_before_any_image_is_read(monkeypatch, split, index, last):
+@pytest.fixture
+def image_reads(monkeypatch):
+  """The (dataset, split, data_dir) of each read of stored images from here on, in order."""
   open_split, reads = input_pipeline._open_split, []
 
   def counting_reads(*args):
     num_examples, read = open_split(*args)
-    return num_examples, lambda rows: reads.append(rows) or read(rows)
+    return num_examples, lambda rows: reads.append(args) or read(rows)
 
   monkeypatch.setattr(input_pipeline, '_open_split', counting_reads)
+  return reads
+
+
+@pytest.mark.parametrize('split, index, last', [('test', 1000, 999), ('test', -1, 999), ('validation', 500, 499)])
+def test_an_example_outside_its_split_is_refused_before_any_image_is_read(image_reads, split, index, last):
   message = rf'index={index} is not valid; the embedded_mnist {split} split has examples 0 to {last}\.'
   with pytest.raises(ValueError, match=message):
     input_pipeline.load_example(_config(validation_size=500), split, index)
-  assert reads == []
+  assert image_reads == []
 
 
 def test_embedded_default_imports_neither_tensorflow_nor_tfds():
@@ -172,14 +178,7 @@ def test_missing_tfds_data_fails_fast_with_instructions(in_config, tmp_path, mon
   assert not list(tmp_path.iterdir())  # Nothing downloaded or half-prepared.
 
 
-def test_an_impossible_validation_size_or_batch_size_is_refused_before_any_image_is_read(monkeypatch, tmp_path):
-  open_split, reads = input_pipeline._open_split, []
-
-  def counting_reads(*args):
-    num_examples, read = open_split(*args)
-    return num_examples, lambda rows: reads.append(args) or read(rows)
-
-  monkeypatch.setattr(input_pipeline, '_open_split', counting_reads)
+def test_an_impossible_validation_size_or_batch_size_is_refused_before_any_image_is_read(image_reads, tmp_path):
   with tfds.testing.mock_data(num_examples=6):
     for validation_size in (6, -1):
       config = _config(dataset='mnist', data_dir=str(tmp_path), validation_size=validation_size)
@@ -192,10 +191,10 @@ def test_an_impossible_validation_size_or_batch_size_is_refused_before_any_image
     )
     with pytest.raises(ValueError, match=message):
       input_pipeline.load_split(config, 'train')  # 6 examples, 2 of them held out.
-    assert reads == []  # A split of 50,000 images would be read and decoded first.
+    assert image_reads == []  # A split of 50,000 images would be read and decoded first.
     config = _config(dataset='mnist', data_dir=str(tmp_path), validation_size=5)
     assert len(input_pipeline.load_split(config, 'validation')['label']) == 5
-  assert reads == [('mnist', 'train', str(tmp_path))]
+  assert image_reads == [('mnist', 'train', str(tmp_path))]
 
 
 def _epoch(data, seed=0, epoch=0):
