@@ -62,6 +62,12 @@ MODES = {
   'sweep8_epoch': ('epoch', SWEEP_MODELS),
 }
 
+
+def available_cpus() -> int:
+  """The CPUs this process may run on."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
 flag_checks.define_positive_integers('batch_sizes', ['32', '128', '512', '2048'], 'Batch sizes B.')
 flag_checks.define_positive_integers('channels', ['1', '3'], 'Input channels C.')
 flag_checks.define_choices('modes', list(MODES), MODES, 'tinycnn training modes to time.')
@@ -71,7 +77,8 @@ flag_checks.define_choices(
 )
 flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant.', lower_bound=1)
 flags.DEFINE_integer('images_per_repeat', 16384, 'Training images per timed repeat (at least 10 steps).', lower_bound=1)
-AVAILABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+AVAILABLE_CPUS = available_cpus()  # Before --threads pins the process to fewer.
 flags.DEFINE_integer(
   'threads', min(2, AVAILABLE_CPUS), 'CPUs the process is pinned to, and threads of the PyTorch peer (default 2, '
   'or the CPUs available if fewer).', lower_bound=1,
@@ -178,10 +185,10 @@ def flag_values() -> dict:
 def main(argv):
   del argv
   # The default is beside this script whatever the working directory, and never an earlier run's file.
-  default = os.path.join(
+  default_stem = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), 'results', time.strftime('throughput_%Y%m%d_%H%M%S')
   )
-  output = FLAGS.output or workdir_lib.unused_path(default, '.json')
+  output = FLAGS.output or workdir_lib.unused_path(default_stem, '.json')
   with reserve_output(output) as output_file:
     # A run stopped by `kill` or `timeout` then saves what it measured too (or removes its empty output).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -205,7 +212,7 @@ def measure(results: dict) -> None:
     # Before jax starts its CPU client, which sizes its pool by these CPUs. Not on an accelerator's host, whose
     # compiler uses every CPU: on an H100's, pinned to 2, train_step took 18 s to compile, not 2.3 s.
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: FLAGS.threads])
-  cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  cpus = available_cpus()
   train.tune_cpu_runtime()  # As train.py does; the PyTorch peer, in this process too, gets it as well.
   peak = peak_gflops()
   machine = results['machine']

@@ -19,10 +19,18 @@ HAS_TORCH = importlib.util.find_spec('torch') is not None
 AVAILABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
 
+def script_command(name, *flags):
+  return [sys.executable, os.path.join(BENCHMARKS, name), *flags]
+
+
 def run_script(name, *flags, cwd=None):
-  return subprocess.run(
-    [sys.executable, os.path.join(BENCHMARKS, name), *flags], capture_output=True, text=True, cwd=cwd, timeout=300
-  )
+  return subprocess.run(script_command(name, *flags), capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def start_throughput(*flags):
+  """throughput.py running in the background, its output read line by line as it prints."""
+  command = script_command('throughput.py', '--batch_sizes=32', '--modes=step', '--notorch', '--nopin_cpus', *flags)
+  return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
 
 
 @pytest.mark.parametrize(
@@ -77,11 +85,7 @@ def test_throughput_refuses_an_output_that_is_not_a_new_file_before_any_work(tmp
 
 def test_a_throughput_run_stopped_after_a_row_saves_the_rows_measured_as_incomplete(tmp_path):
   output = tmp_path / 'results.json'
-  command = [
-    sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--batch_sizes=32', '--channels=1,3', '--modes=step',
-    '--notorch', '--repeats=1', '--images_per_repeat=320', '--nopin_cpus', f'--output={output}',
-  ]  # fmt: skip
-  with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'}) as run:
+  with start_throughput('--channels=1,3', '--repeats=1', '--images_per_repeat=320', f'--output={output}') as run:
     assert 'peak fp32 matmul' in run.stdout.readline()
     assert run.stdout.readline().startswith('C=1 B=   32 step')
     run.send_signal(signal.SIGTERM)  # While C=3's step compiles.
@@ -93,11 +97,7 @@ def test_a_throughput_run_stopped_after_a_row_saves_the_rows_measured_as_incompl
 
 def test_a_throughput_run_stopped_by_sigterm_removes_its_reserved_output(tmp_path):
   output = tmp_path / 'results.json'
-  command = [
-    sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--batch_sizes=32', '--channels=1', '--modes=step',
-    '--notorch', '--repeats=1000', '--nopin_cpus', f'--output={output}',
-  ]  # fmt: skip
-  with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'}) as run:
+  with start_throughput('--channels=1', '--repeats=1000', f'--output={output}') as run:
     assert 'peak fp32 matmul' in run.stdout.readline()  # Printed once the output is reserved.
     assert output.exists()
     run.send_signal(signal.SIGTERM)
