@@ -566,8 +566,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
 
   writer = workdir_lib.MetricWriter(workdir, config.num_models)
   pending = []  # (step, metrics) not yet checked for NaN, logged or checkpointed.
-  last_log_time, last_log_step = time.perf_counter(), start_step
   eval_seconds = 0.0
+  last_log_time, last_log_step, last_log_eval_seconds = time.perf_counter(), start_step, eval_seconds
 
   def checked_evaluation(step, params, num_batches=None):
     """`evaluate` of `params`, the parameters after `step`, timed as evaluation; a NaN or Inf loss stops the run."""
@@ -580,17 +580,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     return eval_metrics
 
   def log_progress(step, train_metrics):
-    nonlocal last_log_time, last_log_step
+    """The progress line: steps/s and images/s of training alone; the ETA in wall time, evaluations included."""
+    nonlocal last_log_time, last_log_step, last_log_eval_seconds
     now = time.perf_counter()
-    steps_per_second = (step - last_log_step) / (now - last_log_time)
+    steps = step - last_log_step
+    wall_seconds = now - last_log_time
+    steps_per_second = steps / (wall_seconds - (eval_seconds - last_log_eval_seconds))
     logging.info(
       'step %d/%d epoch %d  train loss %s accuracy %s  %.1f steps/s %.0f images/s  ETA %.0f s%s',
       step, total_steps, -(-step // steps_per_epoch), _fmt(train_metrics['loss']),
       _fmt(train_metrics['accuracy']), steps_per_second,
-      steps_per_second * config.batch_size * config.num_models, (total_steps - step) / steps_per_second,
+      steps_per_second * config.batch_size * config.num_models, (total_steps - step) * wall_seconds / steps,
       f'  (compiled in {compile_seconds:.2f} s)' if last_log_step == start_step else '',
     )  # fmt: skip
-    last_log_time, last_log_step = now, step
+    last_log_time, last_log_step, last_log_eval_seconds = now, step, eval_seconds
 
   def finish_step(step, metrics, state, by_step):
     """Logs, evaluates and checkpoints after `step` as the config's cadences ask (`by_step`: run as its own call).

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -247,6 +248,32 @@ def test_resuming_with_other_batches_is_refused_before_a_corrupt_checkpoint_is_s
   with pytest.raises(ValueError, match=r'step 124 .* config\.seed=1 .* nothing was changed'):
     train.train_and_evaluate(short_config(seed=1), workdir)
   assert file_digests(workdir) == before
+
+
+def test_progress_line_counts_training_speed_without_evaluation_but_its_eta_with_it(tmp_path, monkeypatch, caplog):
+  # Every evaluation takes 1000 s on train.py's clock; training takes its real, far shorter time.
+  clock = {'offset': 0.0}
+  monkeypatch.setattr(train, 'time', types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + clock['offset']))
+  evaluate = train.evaluate
+
+  def slow_evaluate(*args, **kwargs):
+    clock['offset'] += 1000
+    return evaluate(*args, **kwargs)
+
+  monkeypatch.setattr(train, 'evaluate', slow_evaluate)
+  with caplog.at_level('INFO'):
+    train.train_and_evaluate(tiny_config(log_every_steps=4, eval_every_steps=8), str(tmp_path))
+  progress = re.findall(r'step (\d+)/16 .* ([\d.]+) steps/s \d+ images/s  ETA (\d+) s', caplog.text)
+  assert [int(step) for step, _, _ in progress] == [4, 8, 12, 16]
+  # The interval 8-12 holds the evaluation after step 8: 4 steps in over 1000 s of wall time, which the ETA of the
+  # 4 steps left projects, but not the training speed.
+  assert all(float(steps_per_second) > 1 for _, steps_per_second, _ in progress)
+  assert int(progress[2][2]) >= 1000
+  assert int(progress[1][2]) < 1000
+  # Evaluations after steps 8 and 16 (one batch, before the checkpoint) and the final one.
+  times = re.search(r'train ([\d.]+) s \(with logging and checkpoints\), eval ([\d.]+) s', caplog.text)
+  assert float(times[1]) < 1000
+  assert float(times[2]) >= 3000
 
 
 def test_resumed_run_takes_the_learning_rate_of_its_config(short_run, tmp_path, caplog):
