@@ -71,10 +71,22 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> dict[str, np.nd
   than the split, say) before any image is read, and a FileNotFoundError, without touching the network, when a tfds
   dataset is not prepared in config.data_dir.
   """
+  rows, read = _checked_split(config, split)
+  return _normalised(config.dataset, *read(rows))
+
+
+def split_size(config: ml_collections.ConfigDict, split: str) -> int:
+  """The number of examples `load_split` gives for `split`, after its checks, with no image read."""
+  rows, _ = _checked_split(config, split)
+  return len(rows)
+
+
+def _checked_split(config: ml_collections.ConfigDict, split: str):
+  """`_open`, and for 'train' the check of config.batch_size against the examples it leaves."""
   rows, read = _open(config, split)
   if split == 'train':
     check_batch_size(config.batch_size, len(rows), config.get('validation_size', 0))
-  return _normalised(config.dataset, *read(rows))
+  return rows, read
 
 
 def load_example(config: ml_collections.ConfigDict, split: str, index: int) -> tuple[np.ndarray, int]:

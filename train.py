@@ -128,8 +128,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     fail('learning_rate', 'it must be a finite float32 number > 0')
 
   for name in ('weight_decay', 'grad_clip_norm', 'warmup_epochs'):
-    if not (is_number(config[name]) and config[name] >= 0):
-      fail(name, 'it must be a number >= 0')
+    if not (is_number(config[name]) and 0 <= config[name] < math.inf):  # NaN fails both.
+      fail(name, 'it must be a finite number >= 0')
   if not (is_number(config.momentum) and 0 <= config.momentum < 1):
     fail('momentum', 'it must be in [0, 1)')
   if config.schedule == 'warmup_cosine' and not 0 < config.warmup_epochs < config.num_epochs:
@@ -435,6 +435,26 @@ def _warn_if_the_schedule_moves(
     )  # fmt: skip
 
 
+def _check_latest_checkpoint(config: ml_collections.ConfigDict, workdir: str, steps_per_epoch: int) -> None:
+  """Raises ValueError, with nothing read but the checkpoints' list and saved configs, if the latest checkpoint in
+  `workdir` cannot be resumed with `config`: made with other batches or another model (`_check_resumable`), or past
+  config.num_epochs (the run would end before it and return its state as if it had trained)."""
+  with workdir_lib.checkpoint_manager(workdir) as manager:  # Without max_to_keep: it makes and deletes nothing.
+    latest_step = manager.latest_step()
+  if latest_step is None:
+    return
+  previous = workdir_lib.load_config(workdir, latest_step)
+  if previous is not None:
+    _check_resumable(config, previous, workdir, latest_step)
+  total_steps = config.num_epochs * steps_per_epoch
+  if latest_step > total_steps:
+    raise ValueError(
+      f'The latest checkpoint in {workdir} is at step {latest_step}, past the {total_steps} steps of '
+      f'config.num_epochs={config.num_epochs}; set num_epochs >= {-(-latest_step // steps_per_epoch)} to resume '
+      'it (its parameters can be loaded with train.load_params), or use a new --workdir; nothing was changed.'
+    )
+
+
 def _resume_or_start(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -442,25 +462,13 @@ def _resume_or_start(
   initial_state: train_state.TrainState,
   steps_per_epoch: int,
 ) -> train_state.TrainState:
-  """The latest checkpoint's state in `workdir`, once checked to be resumable with `config`; else `initial_state`.
+  """The latest readable checkpoint's state in `workdir` (checked by `_check_latest_checkpoint`), or `initial_state`.
 
   The restored state takes its static fields (apply_fn, and tx with the schedule) and its peak learning rate from
   `initial_state`: the peak is a hyperparameter in the optimiser state, so that a resumed run can lower it
-  (config_step<N>.json records the change). Raises ValueError, with nothing changed, if the checkpoint was made
-  with other batches or another model (`_check_resumable`) or lies past config.num_epochs.
+  (config_step<N>.json records the change). Raises IncompatibleCheckpointError, with nothing changed, for a
+  checkpoint of another model or optimiser.
   """
-  latest_step = manager.latest_step()
-  if latest_step is not None:  # Checked before a corrupt checkpoint could be set aside.
-    previous = workdir_lib.load_config(workdir, latest_step)
-    if previous is not None:
-      _check_resumable(config, previous, workdir, latest_step)
-    total_steps = config.num_epochs * steps_per_epoch
-    if latest_step > total_steps:
-      raise ValueError(
-        f'The latest checkpoint in {workdir} is at step {latest_step}, past the {total_steps} steps of '
-        f'config.num_epochs={config.num_epochs}; set num_epochs >= {-(-latest_step // steps_per_epoch)} to resume '
-        'it (its parameters can be loaded with train.load_params), or use a new --workdir; nothing was changed.'
-      )
   if jax.process_count() > 1:  # Every host has listed the checkpoints before any could set a corrupt one aside.
     multihost_utils.sync_global_devices('tinycnn: checkpoints listed')
   target = _restore_target(initial_state, NamedSharding(device_mesh(), PartitionSpec()))
@@ -499,14 +507,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   """
   setup_start = time.perf_counter()
   check_config(config)
+  if not workdir or (os.path.exists(workdir) and not os.path.isdir(workdir)):
+    raise ValueError(f'workdir={workdir!r} is not valid; name a directory for the run, new or one it resumes.')
   eval_split = 'validation' if config.validation_size else 'test'
-  mesh = device_mesh()
-  replicated = NamedSharding(mesh, PartitionSpec())
-  batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
-  # On the devices once: every epoch and every evaluation gathers its batches there.
-  train_data = place_replicated(input_pipeline.load_split(config, 'train'), mesh)
-  eval_data = place_replicated(input_pipeline.load_split(config, eval_split), mesh)
-  num_train = len(train_data['label'])
+  # The checks that need the splits' sizes take them from the dataset's index: no image is read before they pass.
+  num_train = input_pipeline.split_size(config, 'train')
+  input_pipeline.split_size(config, eval_split)
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
   total_steps = config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps or steps_per_epoch
@@ -529,16 +535,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
           f'config.{name}={config[name]} is not valid with train_mode=epoch; it must be 0 or a multiple of the '
           f'{steps_per_epoch} steps of an epoch, since the state exists only between epochs.'
         )
+  _check_latest_checkpoint(config, workdir, steps_per_epoch)
 
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as error:
+    raise ValueError(f'workdir={workdir!r} cannot be made ({error}); name a directory that can.') from None
   logging.info('Config:\n%s', config)
   logging.info('Model (per example):\n%s', model.summary(config))
 
+  mesh = device_mesh()
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
   sweep = config.num_models > 1
   state = place_replicated(create_initial_state(config, steps_per_epoch), mesh)
   manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
   state = _resume_or_start(config, workdir, manager, state, steps_per_epoch)
   start_step = int(np.max(state.step))
+  # On the devices once: every epoch and every evaluation gathers its batches there.
+  train_data = place_replicated(input_pipeline.load_split(config, 'train'), mesh)
+  eval_data = place_replicated(input_pipeline.load_split(config, eval_split), mesh)
   workdir_lib.save_config(config, workdir, start_step)
   learning_rates = np.asarray(jax.device_get(state.opt_state.hyperparams['learning_rate'])).reshape(-1)
 
@@ -714,7 +730,19 @@ def _fmt(value: np.ndarray) -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a --config.<field> the config lacks reported as a usage error, not a traceback."""
+  """absl's flag parsing, with a --config file that is not there, or a --config.<field> the config lacks, reported
+  as a usage error, not a traceback."""
+  config_value = None  # The last --config given wins, as in absl.
+  for before, arg in itertools.pairwise(argv):
+    if arg.startswith('--config='):
+      config_value = arg.removeprefix('--config=')
+    elif before == '--config':
+      config_value = arg
+  config_file = None if config_value is None else config_value.split(':', 1)[0]  # path:argument, as ml_collections.
+  if config_file is not None and not os.path.isfile(config_file):
+    # ml_collections would report it at the config's first use, or call each --config.<field> an unknown flag.
+    configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+    sys.exit(f'FATAL Flags parsing error: --config={config_value}: there is no file {config_file}; see {configs}/.')
   try:
     return app.parse_flags_with_usage(argv)
   except AttributeError as error:

@@ -86,6 +86,13 @@ def test_validation_is_the_held_out_tail_of_train(train_split):
   assert np.bincount(validation['label']).min() >= 30  # The train split is shuffled, not grouped by class.
 
 
+def test_split_sizes_are_those_of_the_splits_with_no_image_read(image_reads):
+  config = _config(validation_size=500)
+  sizes = [input_pipeline.split_size(config, split) for split in ('train', 'validation', 'test')]
+  assert sizes == [3500, 500, 1000]
+  assert image_reads == []
+
+
 @pytest.mark.parametrize(
   'split, index', [('test', 0), ('test', 999), ('train', 3499), ('validation', 0), ('validation', 499)]
 )
@@ -104,19 +111,6 @@ def test_one_tfds_example_is_that_row_of_its_split(tmp_path):
     data = input_pipeline.load_split(config, 'test')
   np.testing.assert_array_equal(image, data['image'][4])
   assert label == data['label'][4]
-
-
-@pytest.fixture
-def image_reads(monkeypatch):
-  """The (dataset, split, data_dir) of each read of stored images from here on, in order."""
-  open_split, reads = input_pipeline._open_split, []
-
-  def counting_reads(*args):
-    num_examples, read = open_split(*args)
-    return num_examples, lambda rows: reads.append(args) or read(rows)
-
-  monkeypatch.setattr(input_pipeline, '_open_split', counting_reads)
-  return reads
 
 
 @pytest.mark.parametrize('split, index, last', [('test', 1000, 999), ('test', -1, 999), ('validation', 500, 499)])

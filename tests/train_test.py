@@ -160,7 +160,7 @@ def test_a_run_killed_after_its_last_checkpoint_writes_its_final_row_when_run_ag
 
 
 @pytest.mark.parametrize('latest', [124, 93])
-def test_resuming_past_num_epochs_is_refused(short_run, tmp_path, latest):
+def test_resuming_past_num_epochs_is_refused(short_run, tmp_path, latest, image_reads):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
   if latest == 93:  # Mid-epoch: 1.5 epochs of 62 steps, so the least num_epochs is rounded up.
     shutil.rmtree(os.path.join(workdir, 'checkpoints', '124'))
@@ -170,6 +170,7 @@ def test_resuming_past_num_epochs_is_refused(short_run, tmp_path, latest):
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(short_config(num_epochs=1), workdir)
   assert file_digests(workdir) == before  # No config saved, no metrics written, no checkpoint moved.
+  assert image_reads == []  # Refused on the checkpoints' list and the split's size alone.
 
 
 def wide_config():
@@ -204,13 +205,14 @@ def test_incompatible_checkpoint_is_refused_and_kept(short_run, tmp_path, make_c
 
 
 @pytest.mark.parametrize('setting, value', [('batch_size', 32), ('validation_size', 500), ('seed', 1)])
-def test_resuming_with_other_batches_is_refused(short_run, tmp_path, setting, value):
+def test_resuming_with_other_batches_is_refused(short_run, tmp_path, setting, value, image_reads):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
   before = file_digests(workdir)
   message = rf'step 124 .* config\.{setting}={value} \(that run: {short_config()[setting]}\).*Set them back'
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(short_config(**{setting: value}), workdir)
   assert file_digests(workdir) == before  # No config saved, no metrics written, no checkpoint moved.
+  assert image_reads == []
 
 
 def test_resuming_on_another_dataset_is_refused():
@@ -220,7 +222,7 @@ def test_resuming_on_another_dataset_is_refused():
     train._check_resumable(short_config(dataset='mnist'), short_config(), '/run', 124)
 
 
-def test_resuming_with_a_model_of_the_same_shapes_is_refused(short_run, tmp_path):
+def test_resuming_with_a_model_of_the_same_shapes_is_refused(short_run, tmp_path, image_reads):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
   before = file_digests(workdir)
   config = short_config()
@@ -230,6 +232,7 @@ def test_resuming_with_a_model_of_the_same_shapes_is_refused(short_run, tmp_path
   ):
     train.train_and_evaluate(config, workdir)
   assert file_digests(workdir) == before  # No config saved, no metrics written, no checkpoint moved.
+  assert image_reads == []
 
 
 def test_settings_a_saved_config_lacks_are_not_counted_as_changed():
@@ -475,7 +478,12 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'num_models': 2, 'learning_rates': (float('inf'), 0.1)}, r'config\.learning_rates=\(inf, 0\.1\) .* finite'),
     ({'momentum': 1.0}, r'config\.momentum=1\.0 .* \[0, 1\)'),
     ({'weight_decay': -0.1}, r'config\.weight_decay=-0\.1 .* >= 0'),
-    ({'grad_clip_norm': None}, r'config\.grad_clip_norm=None .* a number >= 0'),  # A ConfigDict takes None anywhere.
+    ({'weight_decay': float('inf')}, r'config\.weight_decay=inf .* a finite number >= 0'),  # Else NaN at step 2.
+    ({'grad_clip_norm': float('nan')}, r'config\.grad_clip_norm=nan .* a finite number >= 0'),
+    (
+      {'grad_clip_norm': None},
+      r'config\.grad_clip_norm=None .* a finite number >= 0',
+    ),  # A ConfigDict takes None anywhere.
     ({'momentum': None}, r'config\.momentum=None .* \[0, 1\)'),
     ({'schedule': 'warmup_cosine', 'warmup_epochs': 2.0}, r'config\.warmup_epochs=2\.0 .* less than num_epochs=2'),
     ({'schedule': 'warmup_cosine'}, r'config\.warmup_epochs=0\.0 .* more than 0'),  # Else it is cosine.
@@ -498,10 +506,29 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'model': {'pool': 'median'}}, r"model\.pool='median' is not valid"),
   ],
 )
-def test_invalid_training_setting_is_named(overrides, message, tmp_path):
+def test_invalid_training_setting_is_named(overrides, message, tmp_path, image_reads):
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(short_config(**overrides), str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')  # Refused before any work: not even the workdir is made.
+  assert image_reads == []
+
+
+@pytest.mark.parametrize('name', ['', 'a_file'])
+def test_a_workdir_that_cannot_be_a_directory_is_refused_before_any_image_is_read(name, tmp_path, image_reads):
+  (tmp_path / 'a_file').write_text('a note')
+  workdir = str(tmp_path / name) if name else ''
+  with pytest.raises(ValueError, match=rf'workdir={re.escape(repr(workdir))} is not valid; name a directory'):
+    train.train_and_evaluate(short_config(), workdir)
+  assert (tmp_path / 'a_file').read_text() == 'a note'
+  assert image_reads == []
+
+
+def test_a_workdir_that_cannot_be_made_is_refused_before_any_image_is_read(tmp_path, image_reads):
+  (tmp_path / 'a_file').write_text('a note')
+  workdir = str(tmp_path / 'a_file' / 'run')  # Inside a file.
+  with pytest.raises(ValueError, match=rf"workdir='{re.escape(workdir)}' cannot be made \(.*\); name a directory"):
+    train.train_and_evaluate(short_config(), workdir)
+  assert image_reads == []
 
 
 def test_random_flip_must_be_a_bool_where_the_config_lets_an_int_in(tmp_path):
@@ -516,13 +543,14 @@ def test_random_flip_must_be_a_bool_where_the_config_lets_an_int_in(tmp_path):
   [(1000, 0.2, 4, '0.25'), (1500, 0.1, 2, '0.5'), (3, 0.0003, 1333, '0.0008')],
 )
 def test_a_warmup_shorter_than_a_step_is_refused_with_the_least_that_warms_up(
-  batch_size, warmup_epochs, steps_per_epoch, least, tmp_path
+  batch_size, warmup_epochs, steps_per_epoch, least, tmp_path, image_reads
 ):
   config = short_config(schedule='warmup_cosine', batch_size=batch_size, warmup_epochs=warmup_epochs)
   message = rf'is less than one of the {steps_per_epoch} steps .* at least 1/{steps_per_epoch} of an epoch, {least} '
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
+  assert image_reads == []  # A warmup is checked against the split's size, before 60,000 images would be read.
   assert train.warmup_steps(short_config(warmup_epochs=float(least)), steps_per_epoch) == 1
 
 
@@ -777,10 +805,11 @@ def test_a_warmup_shorter_than_a_step_is_refused(tmp_path):
     ({'eval_every_steps': 31, 'checkpoint_every_steps': 62}, 'eval_every_steps=31'),
   ],
 )
-def test_epoch_mode_refuses_a_cadence_inside_an_epoch(tmp_path, cadences, setting):
+def test_epoch_mode_refuses_a_cadence_inside_an_epoch(tmp_path, cadences, setting, image_reads):
   with pytest.raises(ValueError, match=rf'config\.{setting} .* multiple of the 62 steps of an epoch'):
     train.train_and_evaluate(short_config(train_mode='epoch', **cadences), str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
+  assert image_reads == []
 
 
 # Runs of the same maths that sum in another order (a vmapped sweep, a batch split over devices) take the same steps
@@ -1000,8 +1029,9 @@ def test_hosts_with_different_copies_are_refused(tmp_path):
   [
     ('--num_processes=2', '--coordinator_address/--num_processes/--process_id join the processes of a --multihost run'),
     ('--config.model.pol=avg', 'the config has no field \'pol\'\nDid you mean "pool" instead of "pol"?'),
+    ('--config=configs/nope.py', f'--config=configs/nope.py: there is no file configs/nope.py; see {REPO}/configs/.'),
   ],
-  ids=['process_flags_without_multihost', 'mistyped_config_field'],
+  ids=['process_flags_without_multihost', 'mistyped_config_field', 'missing_config_file'],
 )
 def test_bad_flags_are_refused_by_name_before_any_work(tmp_path, flag, message):
   result = subprocess.run(
