@@ -498,7 +498,12 @@ def run(experiment: str, out_dir: str, num_epochs: int) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  os.makedirs(flags.FLAGS.out_dir, exist_ok=True)  # A path that cannot be made fails now, not after training.
+  try:  # A path that cannot be made fails now, not after training.
+    os.makedirs(flags.FLAGS.out_dir, exist_ok=True)
+  except OSError as error:
+    raise app.UsageError(
+      f'--out_dir={flags.FLAGS.out_dir} cannot be made ({error}); name a directory that can.'
+    ) from None
   train.tune_cpu_runtime()
   run(flags.FLAGS.experiment, flags.FLAGS.out_dir, flags.FLAGS.num_epochs)
 
@@ -507,7 +512,9 @@ if __name__ == '__main__':
   # Defined here rather than at import, as in train.py, so that importing this module defines no flags.
   flags.DEFINE_enum('experiment', None, EXPERIMENTS, 'Which claim to test.')
   flags.DEFINE_string('out_dir', 'runs/explain', 'Directory for the PNG (<experiment>_2.png, ... if one is there).')
-  flags.register_validator('out_dir', lambda path: not os.path.isfile(path), '--out_dir names a file, not a directory')
+  flags.register_validator(
+    'out_dir', lambda path: path and not os.path.isfile(path), '--out_dir must name a directory, not a file or nothing'
+  )
   flags.DEFINE_integer('num_epochs', 3, "Training epochs of every run, fewer than the default config's.", lower_bound=1)
   flags.mark_flag_as_required('experiment')
   app.run(main)

@@ -42,7 +42,8 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, model_index: in
   """
   num_models = config.get('num_models', 1)
   if not 0 <= model_index < num_models:
-    raise ValueError(f'model={model_index} is not valid; the workdir holds models 0 to {num_models - 1}.')
+    held = f'models 0 to {num_models - 1}' if num_models > 1 else 'one model, 0'
+    raise ValueError(f'--model={model_index} is not valid; the workdir holds {held}.')
   of_sweep = f', model {model_index} of {num_models}' if num_models > 1 else ''
   loaded = train.load_params(config, workdir)
   if loaded is None:
@@ -169,13 +170,29 @@ def _draw_learning_curves(metrics: dict[str, dict[int, dict]]):
 def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, model_index: int = 0) -> list[str]:
   """Draws test example `index` through the network of `workdir` (model `model_index` of a sweep); returns the paths
   of the PNGs written."""
-  if out_dir is not None and (os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir))):
-    raise ValueError(f'--out_dir={out_dir} already holds files; name a new or empty directory, so none is overwritten.')
   if not os.path.isdir(workdir):
     raise ValueError(
       f'--workdir={workdir} is not a directory. Give a training workdir, or an existing empty directory to draw a '
       'fresh init of configs/default.py.'
     )
+  # Every run saves its config first, so a directory with other files but none is not a workdir (its checkpoints/
+  # folder, say): a fresh init drawn into it would pass for the run's pictures.
+  if not workdir_lib.saved_configs(workdir) and set(os.listdir(workdir)) - {'pictures'}:
+    raise ValueError(
+      f'--workdir={workdir} holds files but no saved config (config.json): it is not a training workdir. Give one, '
+      'or an existing empty directory to draw a fresh init of configs/default.py.'
+    )
+  if out_dir is not None:
+    if not out_dir or os.path.isfile(out_dir):
+      raise ValueError(f'--out_dir={out_dir!r} is not a directory; name a new or empty one.')
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+      raise ValueError(
+        f'--out_dir={out_dir} already holds files; name a new or empty directory, so none is overwritten.'
+      )
+    try:  # Now, rather than after the checkpoint is read and the example drawn.
+      os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+      raise ValueError(f'--out_dir={out_dir} cannot be made ({error}); name a directory that can.') from None
   config = load_config(workdir)
   params, source = load_params(config, workdir, model_index)  # First: a model past the sweep is refused unread.
   image, label = input_pipeline.load_example(config, 'test', index)

@@ -48,13 +48,21 @@ def test_a_picture_of_an_earlier_run_is_kept(tmp_path):
   assert not np.array_equal(*(matplotlib.image.imread(path) for path in paths))
 
 
-def test_an_out_dir_that_is_a_file_is_refused_as_the_flags_are_parsed(tmp_path):
+@pytest.mark.parametrize(
+  'out_dir, message',
+  [
+    ('notes', '--out_dir must name a directory, not a file or nothing'),  # As the flags are parsed.
+    ('', '--out_dir must name a directory, not a file or nothing'),
+    ('notes/explain', 'cannot be made ([Errno 20] Not a directory'),  # Before any training.
+  ],
+)
+def test_an_out_dir_that_cannot_be_a_directory_is_refused_before_any_training(tmp_path, out_dir, message):
   (tmp_path / 'notes').write_text('mine')
   script = os.path.join(os.path.dirname(explain.__file__), 'explain.py')
-  command = [sys.executable, script, '--experiment=flatten', f'--out_dir={tmp_path / "notes"}']
+  command = [sys.executable, script, '--experiment=flatten', f'--out_dir={tmp_path / out_dir if out_dir else ""}']
   result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-  assert result.returncode == 1 and '--out_dir names a file, not a directory' in result.stderr
-  assert (tmp_path / 'notes').read_text() == 'mine'
+  assert result.returncode == 1 and message in result.stderr and 'Traceback' not in result.stderr
+  assert os.listdir(tmp_path) == ['notes'] and (tmp_path / 'notes').read_text() == 'mine'
 
 
 def test_flatten_orders_follow_one_loss_curve(tmp_path):

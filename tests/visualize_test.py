@@ -66,20 +66,43 @@ def test_fresh_init_draws_every_layer(tmp_path):
   for path in paths:
     assert os.path.dirname(path) == str(tmp_path / 'pictures')
     assert_png_not_blank(path)
+  # A directory holding only pictures of a fresh init is drawn into again, beside them.
+  (workdir / 'pictures' / 'test_example_3').mkdir(parents=True)
+  again = visualize.write_pictures(str(workdir), index=3)
+  assert os.path.dirname(again[0]) == str(workdir / 'pictures' / 'test_example_3_2')
 
 
-@pytest.mark.parametrize('existing', ['a file', 'a directory holding one'])
-def test_an_out_dir_that_holds_files_is_refused_before_anything_is_read(tmp_path, monkeypatch, existing):
-  out_dir = tmp_path / 'pictures'
-  if existing == 'a file':
-    out_dir.write_text('mine')
-  else:
-    out_dir.mkdir()
-    (out_dir / '09_probabilities.png').write_text('an earlier drawing')
+@pytest.mark.parametrize(
+  'out_dir, message',
+  [
+    ('a_file', r"--out_dir='.*a_file' is not a directory; name a new or empty one"),
+    ('', r"--out_dir='' is not a directory"),
+    ('drawn', r'--out_dir=.*drawn already holds files; name a new or empty directory'),
+    ('a_file/pictures', r'--out_dir=.*a_file/pictures cannot be made \(.*\); name a directory that can'),
+  ],
+)
+def test_an_out_dir_that_is_not_a_new_or_empty_directory_is_refused_before_anything_is_read(
+  tmp_path, monkeypatch, out_dir, message
+):
+  (tmp_path / 'a_file').write_text('mine')
+  (tmp_path / 'drawn').mkdir()
+  (tmp_path / 'drawn' / '09_probabilities.png').write_text('an earlier drawing')
+  (tmp_path / 'run').mkdir()
   monkeypatch.setattr(visualize, 'load_config', lambda workdir: pytest.fail('the workdir was read'))
-  with pytest.raises(ValueError, match=rf'--out_dir={out_dir} already holds files; name a new or empty directory'):
-    visualize.write_pictures(str(tmp_path), out_dir=str(out_dir))
-  assert sorted(os.listdir(tmp_path)) == ['pictures']
+  with pytest.raises(ValueError, match=message):
+    visualize.write_pictures(str(tmp_path / 'run'), out_dir=str(tmp_path / out_dir) if out_dir else '')
+  assert sorted(os.listdir(tmp_path)) == ['a_file', 'drawn', 'run']
+  assert (tmp_path / 'a_file').read_text() == 'mine'
+  assert os.listdir(tmp_path / 'drawn') == ['09_probabilities.png'] and os.listdir(tmp_path / 'run') == []
+
+
+def test_a_directory_of_files_without_a_saved_config_is_not_drawn_into(trained_workdir):
+  # Say, the run's checkpoints/ folder given for the run: a fresh init drawn there would pass for its pictures.
+  checkpoints = os.path.join(trained_workdir, 'checkpoints')
+  listing = sorted(os.listdir(checkpoints))
+  with pytest.raises(ValueError, match=r'--workdir=.*checkpoints holds files but no saved config .* not a training'):
+    visualize.write_pictures(checkpoints)
+  assert sorted(os.listdir(checkpoints)) == listing
 
 
 def drawn_figures(monkeypatch) -> dict:
@@ -157,7 +180,7 @@ def test_a_model_past_the_sweep_is_refused_before_the_test_example_is_read(tmp_p
   workdir_lib.save_config(config, str(tmp_path), 0)
   splits_read = []
   monkeypatch.setattr(input_pipeline, 'load_example', lambda config, split, index: splits_read.append(split))
-  with pytest.raises(ValueError, match=r'model=2 is not valid; the workdir holds models 0 to 1'):
+  with pytest.raises(ValueError, match=r'--model=2 is not valid; the workdir holds models 0 to 1'):
     visualize.write_pictures(str(tmp_path), model_index=2)
   assert splits_read == [] and os.listdir(tmp_path) == ['config.json']
 
