@@ -106,12 +106,12 @@ def test_a_directory_of_files_without_a_saved_config_is_not_drawn_into(trained_w
 
 
 def drawn_figures(monkeypatch) -> dict:
-  """{picture name: figure} of every PNG the next write_pictures draws, recorded as it saves them."""
+  """{picture name: (figure, title)} of every PNG the next write_pictures draws, recorded as it saves them."""
   figures = {}
   save = visualize._save
 
   def recording_save(fig, title, source, path):
-    figures[os.path.basename(path)[3:-4]] = fig
+    figures[os.path.basename(path)[3:-4]] = fig, title
     return save(fig, title, source, path)
 
   monkeypatch.setattr(visualize, '_save', recording_save)
@@ -129,11 +129,24 @@ def test_filters_show_each_filters_slice_per_input_channel_on_a_scale_symmetric_
       assert shown.get_clim() == (-3.0, 3.0)
 
 
+def test_feature_maps_share_one_colour_scale():
+  maps = np.random.default_rng(0).normal(size=(10, 10, 6)).astype(np.float32)
+  maps[..., 4] *= 10  # One map spans far more than the others: each on its own scale would hide that.
+  fig = visualize._draw_maps(maps)
+  for c in range(6):
+    shown = fig.axes[c].images[0]
+    np.testing.assert_array_equal(shown.get_array(), maps[..., c])
+    assert shown.get_clim() == (maps.min(), maps.max())
+
+
 def test_flatten_bars_are_coloured_by_source_channel_and_rows_marked():
   volume = (5, 5, 6)
   vector = np.arange(150, dtype=np.float32) + 1
   chw = model.flatten_permutation('chw', volume, 0)
   ax = visualize._draw_flatten(vector, volume, chw).axes[0]
+  assert (
+    ax.get_title() == 'positions 0, 1, 2, 3, ... hold the values at (h, w, c) = (0,0,0), (0,1,0), (0,2,0), (0,3,0), ...'
+  )
   assert len(ax.containers) == 6
   for channel, bars in enumerate(ax.containers):  # 'chw': positions 25c to 25c + 24 hold channel c.
     positions = np.arange(25 * channel, 25 * channel + 25)
@@ -154,10 +167,14 @@ def test_probabilities_are_the_softmax_of_the_logits_with_the_label_in_orange(tm
   index = int(np.flatnonzero(np.argmax(logits, -1) != test['label'][:20])[0])  # Predicted is not the label.
   figures = drawn_figures(monkeypatch)
   visualize.write_pictures(str(tmp_path), index=index)
-  bars = figures['probabilities'].axes[0].patches
+  fig, title = figures['probabilities']
+  bars = fig.axes[0].patches
   np.testing.assert_allclose([bar.get_height() for bar in bars], jax.nn.softmax(logits[index]), rtol=1e-5)
   orange = [i for i, bar in enumerate(bars) if bar.get_facecolor() == matplotlib.colors.to_rgba('C1')]
   assert orange == [test['label'][index]]
+  assert f'label {test["label"][index]} (orange), predicted {np.argmax(logits[index])}' in title
+  fc1 = model.create_model(config).apply({'params': params}, test['image'][index : index + 1], method='layer_outputs')
+  assert figures['fc1'][1] == f'fc1 [100] after relu: {np.sum(fc1["fc1"] > 0)} of 100 positive'
 
 
 def test_a_sweeps_model_is_drawn_with_its_own_learning_curves(tmp_path, monkeypatch):
@@ -169,8 +186,9 @@ def test_a_sweeps_model_is_drawn_with_its_own_learning_curves(tmp_path, monkeypa
   ]
   (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
   figures = drawn_figures(monkeypatch)
-  visualize.write_pictures(str(tmp_path), model_index=1)
-  (train_loss,) = figures['learning_curves'].axes[0].lines
+  paths = visualize.write_pictures(str(tmp_path), model_index=1)
+  assert os.path.dirname(paths[0]) == str(tmp_path / 'pictures' / 'test_example_0_model_1')  # Beside model 0's.
+  (train_loss,) = figures['learning_curves'][0].axes[0].lines
   np.testing.assert_array_equal(train_loss.get_ydata(), [3.0, 2.0])  # Model 1's.
 
 

@@ -139,8 +139,9 @@ def test_metrics_append_to_an_empty_file(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text('')  # As a run stopped before its first row leaves it.
   writer = workdir.MetricWriter(str(tmp_path))
   writer.write(1, 'train', {'loss': 2.0})
-  writer.close()
+  # On disk at once: a run killed later keeps it, since its rerun writes only the rows after its checkpoint.
   assert workdir.read_metrics(str(tmp_path)) == [{'step': 1, 'split': 'train', 'loss': 2.0}]
+  writer.close()
 
 
 def test_metrics_resume_on_a_fresh_line_after_a_partial_one(tmp_path):
