@@ -468,6 +468,7 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'optimizer': 'rmsprop'}, r"config\.optimizer='rmsprop' .* \('sgd', 'momentum', 'adam', 'adamw'\)"),
     ({'schedule': 'linear'}, r"config\.schedule='linear' .* \('constant', 'cosine', 'warmup_cosine'\)"),
     ({'batch_size': 0}, r'config\.batch_size=0 .* integer >= 1'),
+    ({'eval_batch_size': 0}, r'config\.eval_batch_size=0 .* integer >= 1'),  # Else found at the first evaluation.
     ({'batch_size': 4001}, r'config\.batch_size=4001 .* from 1 to 4000, the number of training examples\.'),
     ({'validation_size': 1, 'batch_size': 4000}, r'config\.batch_size=4000 .* to 3999, .* validation_size=1 held out'),
     ({'num_epochs': 0}, r'config\.num_epochs=0 .* integer >= 1'),
@@ -503,6 +504,7 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'validation_size': -1}, r'config\.validation_size=-1 is not valid; it must be an integer >= 0'),
     ({'input_shape': None}, r'config\.input_shape=None is not valid; .* three Python ints >= 1'),
     ({'num_models': 2, 'learning_rates': (0.1,)}, r'config\.learning_rates=\(0\.1,\) .* one finite .*\(num_models=2;'),
+    ({'num_models': 2, 'learning_rates': (0.1, 0.2, 0.3)}, r'config\.learning_rates=\(0\.1, 0\.2, 0\.3\) .* one'),
     ({'model': {'pool': 'median'}}, r"model\.pool='median' is not valid"),
   ],
 )
@@ -897,12 +899,13 @@ from configs import default
 train.tune_cpu_runtime()  # As train.py's main does: steps over the 8 devices run on the calling thread.
 config = default.get_config()
 config.update(json.loads(sys.argv[2]))
-indivisible = config.copy_and_resolve_references()
-indivisible.batch_size = 60
-try:
-  train.train_and_evaluate(indivisible, sys.argv[1])
-except ValueError as error:
-  print(error)
+for name in ('batch_size', 'eval_batch_size'):
+  indivisible = config.copy_and_resolve_references()
+  indivisible[name] = 60
+  try:
+    train.train_and_evaluate(indivisible, sys.argv[1])
+  except ValueError as error:
+    print(error)
 state, _ = train.train_and_evaluate(config, sys.argv[1])
 with open(sys.argv[3], 'wb') as f:
   pickle.dump(list(params_after_each_step(config)), f)
@@ -919,7 +922,8 @@ def test_data_parallel_over_8_devices_matches_one_device(short_run, tmp_path):
   command = [sys.executable, '-c', DATA_PARALLEL_SCRIPT, str(tmp_path / 'run'), json.dumps(SHORT_RUN), str(steps_file)]
   result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
-  assert 'config.batch_size=60 is not valid; it must divide evenly over the 8 devices' in result.stdout
+  for name in ('batch_size', 'eval_batch_size'):
+    assert f'config.{name}=60 is not valid; it must divide evenly over the 8 devices' in result.stdout
   assert result.stdout.strip().endswith('8 batch shards; 8 devices hold the parameters')
   with open(steps_file, 'rb') as f:
     for eight_devices, one_device in zip(pickle.load(f), params_after_each_step(short_config()), strict=True):
