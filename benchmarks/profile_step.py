@@ -65,6 +65,10 @@ def op_groups(hlo_text: str) -> dict[str, str]:
 
 def main(argv):
   del argv
+  try:  # Now, not after the compile and the traced steps.
+    os.makedirs(FLAGS.trace_dir, exist_ok=True)
+  except OSError as error:
+    raise app.UsageError(f'--trace_dir={FLAGS.trace_dir} cannot be a directory ({error}); name one that can.') from None
   train.tune_cpu_runtime()
   train_epoch, compiled, _ = workload.training_epoch(
     FLAGS.batch_size, FLAGS.channels, FLAGS.steps, FLAGS.mode, FLAGS.num_models

@@ -253,6 +253,7 @@ def measure(results: dict) -> None:
         nominal = not name.startswith('sweep')  # A sweep's model-images are not one model's work.
         row = {
           'channels': channels, 'batch_size': batch_size, 'variant': name,
+          'steps_per_repeat': steps_per_repeat(batch_size),
           'images_per_second_median': median, 'images_per_second_min': min(r), 'images_per_second_max': max(r),
           'cpu_seconds_per_second': statistics.median(cpu_per_wall[name]), 'compile_seconds': runners[name][1],
           'ratio_to_best_torch': statistics.median(np.divide(r, best_torch)) if best_torch else None,

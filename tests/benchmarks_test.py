@@ -33,6 +33,16 @@ def start_throughput(*flags):
   return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
 
 
+# The least work each script accepts: the flag under test, given after them, overrides theirs.
+QUICK_FLAGS = {
+  'throughput.py': ['--batch_sizes=32', '--channels=1', '--modes=step', '--notorch', '--repeats=1',
+                    '--images_per_repeat=32', '--nopin_cpus', '--output=/dev/null/never'],
+  'conv_variants.py': ['--batch_sizes=32', '--channels=1', '--repeats=1', '--images_per_repeat=32'],
+  'profile_step.py': ['--batch_size=32', '--channels=1', '--steps=1', '--trace_dir=/dev/null/never'],
+  'torch_peer.py': ['--batch_sizes=32', '--channels=1', '--repeats=1', '--images_per_repeat=32'],
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
   'script, flag, message',
   [
@@ -59,7 +69,7 @@ def start_throughput(*flags):
   ],
 )  # fmt: skip
 def test_a_bad_flag_is_refused_as_the_flags_are_parsed(script, flag, message):
-  result = run_script(script, flag)
+  result = run_script(script, *QUICK_FLAGS[script], flag)  # A flag wrongly accepted then fails in seconds.
   assert result.returncode != 0
   assert 'Flags parsing error' in result.stderr and message in result.stderr
   assert result.stdout == ''  # Nothing was measured or printed.
@@ -105,6 +115,15 @@ def test_a_throughput_run_stopped_by_sigterm_removes_its_reserved_output(tmp_pat
   assert os.listdir(tmp_path) == []  # So the same --output can be given again.
 
 
+@pytest.mark.parametrize('trace_dir', ['notes', ''])
+def test_profile_step_refuses_a_trace_dir_that_cannot_be_a_directory_before_any_work(tmp_path, trace_dir):
+  (tmp_path / 'notes').write_text('mine')
+  result = run_script('profile_step.py', f'--trace_dir={tmp_path / trace_dir if trace_dir else ""}', cwd=tmp_path)
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert 'cannot be a directory' in result.stderr and result.stdout == ''  # Nothing compiled or traced.
+  assert os.listdir(tmp_path) == ['notes'] and (tmp_path / 'notes').read_text() == 'mine'
+
+
 @pytest.mark.parametrize('flags', [[], ['--mode=epoch', '--num_models=2']], ids=['step', 'epoch sweep'])
 def test_profile_step_groups_each_op_by_layer_pass_and_optimizer(tmp_path, flags):
   result = run_script(
@@ -123,8 +142,8 @@ def test_profile_step_groups_each_op_by_layer_pass_and_optimizer(tmp_path, flags
 def test_throughput_saves_every_row_it_prints_and_its_machine(tmp_path):
   output = tmp_path / 'new' / 'results.json'
   result = run_script(
-    'throughput.py', '--batch_sizes=32', '--channels=1,3', '--modes=step', '--notorch', '--repeats=1',
-    '--images_per_repeat=320', f'--output={output}', '--nopin_cpus',
+    'throughput.py', '--batch_sizes=32', '--channels=1,3', '--modes=step', '--notorch', '--repeats=2',
+    '--images_per_repeat=64', f'--output={output}', '--nopin_cpus',
   )  # fmt: skip
   assert result.returncode == 0, result.stderr
   saved = json.loads(output.read_text())
@@ -132,13 +151,19 @@ def test_throughput_saves_every_row_it_prints_and_its_machine(tmp_path):
     (1, 32, 'step'),
     (3, 32, 'step'),
   ]
-  assert all(row['images_per_second_median'] > 0 and row['compile_seconds'] > 0 for row in saved['rows'])
+  for row, flops_per_image in zip(saved['rows'], (601_200, 1_071_600), strict=True):
+    assert 0 < row['images_per_second_min'] <= row['images_per_second_median'] <= row['images_per_second_max']
+    assert row['steps_per_repeat'] == 10  # At least 10 steps, though 64 images make 2 batches of 32.
+    assert row['compile_seconds'] > 0
+    # Forward FLOPs (conv1 117,600 per input channel, conv2 90,000, fc1 30,000, fc2 2,000) times 3, less conv1's
+    # input gradient.
+    assert row['gflops'] * 1e9 == pytest.approx(row['images_per_second_median'] * flops_per_image)
   assert saved['complete'] is True and saved['machine']['peak_gflops'] > 0 and f'Saved {output}' in result.stdout
   # How the table was made: the versions, and every flag of the script with its value, defaults included.
   assert saved['machine']['jax'] == jax.__version__
   assert saved['machine']['flags'] == {
     'batch_sizes': ['32'], 'channels': ['1', '3'], 'modes': ['step'], 'torch': False, 'torch_variants': None,
-    'repeats': 1, 'images_per_repeat': 320, 'threads': min(2, AVAILABLE_CPUS), 'pin_cpus': False,
+    'repeats': 2, 'images_per_repeat': 64, 'threads': min(2, AVAILABLE_CPUS), 'pin_cpus': False,
     'output': str(output),
   }  # fmt: skip
 
@@ -169,6 +194,20 @@ def test_the_workload_refuses_what_train_py_would_refuse(benchmarks_on_path):
     workload.training_epoch(32, 0, 10, 'step')
   with pytest.raises(ValueError, match='config.num_models=0 is not valid'):
     workload.training_epoch(32, 1, 10, 'step', num_models=0)
+
+
+def test_the_workload_trains_as_the_pytorch_peer_does(benchmarks_on_path):
+  import workload
+
+  config = workload.benchmark_config(32, 3)
+  assert (config.optimizer, config.momentum, config.learning_rate, config.schedule) == (
+    'momentum',
+    0.9,
+    0.01,
+    'constant',
+  )
+  assert config.random_crop_padding == 0 and config.random_flip is False  # The peer neither shifts nor mirrors.
+  assert (config.batch_size, config.input_shape) == (32, (32, 32, 3))
 
 
 def test_the_workloads_random_examples_are_the_same_arrays_each_time(benchmarks_on_path):
