@@ -483,18 +483,28 @@ def _resume_or_start(
 
 
 def _check_finite(
-  losses_by_step: Iterable[tuple[int, np.ndarray]], learning_rates: np.ndarray, loss_name: str = 'training loss'
+  losses_by_step: Iterable[tuple[int, np.ndarray]],
+  config: ml_collections.ConfigDict,
+  learning_rates: np.ndarray,
+  loss_name: str = 'training loss',
 ) -> None:
-  """Raises NonFiniteLossError at the first (step, loss) whose loss (of any model, for a sweep's [K]) is NaN or Inf."""
+  """Raises NonFiniteLossError at the first (step, loss) whose loss (of any model, for a sweep's [K]) is NaN or Inf,
+  with advice in settings a run of `config` would accept."""
   for step, loss in losses_by_step:
     losses = np.reshape(np.asarray(loss), -1)
     for k in np.flatnonzero(~np.isfinite(losses)):
       which = f' of model {k} (learning rate {learning_rates[k]:g})' if len(losses) > 1 else ''
+      smaller_rate = (
+        f'a smaller learning rate for model {k} in --config.learning_rates'
+        if config.learning_rates
+        else 'a smaller --config.learning_rate'
+      )
+      warmup_epochs = min(1.0, config.num_epochs / 2)  # check_config wants it below num_epochs.
       raise NonFiniteLossError(
         f'The {loss_name}{which} became {losses[k]} at step {step}; any checkpoints before it were kept. Likely '
-        'causes: the learning rate is too high (resume with a smaller --config.learning_rate, or start a new '
-        '--workdir with --config.schedule=warmup_cosine --config.warmup_epochs=1, or --config.grad_clip_norm=1.0), '
-        'or the input data contain NaN/Inf.'
+        f'causes: the learning rate is too high (resume with {smaller_rate}, or start a new --workdir with '
+        f'--config.schedule=warmup_cosine --config.warmup_epochs={warmup_epochs:g}, or '
+        '--config.grad_clip_norm=1.0), or the input data contain NaN/Inf.'
       )
 
 
@@ -592,7 +602,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     eval_start = time.perf_counter()
     eval_metrics = evaluate(eval_fn, params, eval_data, config.eval_batch_size, num_batches)
     eval_seconds += time.perf_counter() - eval_start
-    _check_finite([(step, eval_metrics['loss'])], learning_rates, f'{eval_split} loss')
+    _check_finite([(step, eval_metrics['loss'])], config, learning_rates, f'{eval_split} loss')
     return eval_metrics
 
   def log_progress(step, train_metrics):
@@ -624,7 +634,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     evaluates = step % eval_every == 0 and not is_last
     checkpoints = step % checkpoint_every == 0 or is_last
     if logs or evaluates or checkpoints:
-      _check_finite([(s, m['loss_sum']) for s, m in pending], learning_rates)
+      _check_finite([(s, m['loss_sum']) for s, m in pending], config, learning_rates)
     if logs:
       train_metrics = summarize_metrics([m for _, m in pending])
       writer.write(step, 'train', train_metrics)
