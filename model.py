@@ -194,17 +194,17 @@ def flatten_permutation(order: str, shape: Sequence[int], seed: int = 0) -> np.n
     return hwc_index.transpose(2, 0, 1).reshape(-1)
   if order == 'random':
     return np.random.default_rng(seed).permutation(h * w * c)
-  raise ValueError(f'model.flatten_order={order!r} is not one of {FLATTEN_ORDERS}.')
+  raise ValueError(f'config.model.flatten_order={order!r} is not one of {FLATTEN_ORDERS}.')
 
 
 def _geometry_problem(h, w, num_convs, kernel_size, strides, padding, pool_window) -> str | None:
   """Why conv/pool stages of these settings cannot be built on an h x w input, or None when they can."""
   for i in range(1, num_convs + 1):
     if padding == 'VALID' and kernel_size > min(h, w):
-      return f'model.kernel_size={kernel_size} is larger than the {h}x{w} input of conv{i}'
+      return f'config.model.kernel_size={kernel_size} is larger than the {h}x{w} input of conv{i}'
     h, w = conv_output_size(h, kernel_size, strides, padding), conv_output_size(w, kernel_size, strides, padding)
     if h % pool_window or w % pool_window:
-      return f'model.pool_window={pool_window} does not divide the {h}x{w} output of conv{i}'
+      return f'config.model.pool_window={pool_window} does not divide the {h}x{w} output of conv{i}'
     h, w = h // pool_window, w // pool_window
   return None
 
@@ -232,7 +232,7 @@ def _check_geometry(h, w, num_convs, kernel_size, strides, padding, pool_window)
 
 def _check_choice(name: str, value, choices) -> None:
   if value not in choices:
-    raise ValueError(f'model.{name}={value!r} is not valid; choose one of {tuple(choices)}.')
+    raise ValueError(f'config.model.{name}={value!r} is not valid; choose one of {tuple(choices)}.')
 
 
 def _is_integer(value) -> bool:
@@ -241,7 +241,7 @@ def _is_integer(value) -> bool:
 
 def _check_integer(name: str, value, minimum: int = 1) -> None:
   if not _is_integer(value) or value < minimum:
-    raise ValueError(f'model.{name}={value!r} is not valid; it must be an integer >= {minimum}.')
+    raise ValueError(f'config.model.{name}={value!r} is not valid; it must be an integer >= {minimum}.')
 
 
 def _check_widths(name: str, value, may_be_empty: bool = False) -> None:
@@ -251,7 +251,7 @@ def _check_widths(name: str, value, may_be_empty: bool = False) -> None:
     or not all(_is_integer(v) and v >= 1 for v in value)
   ):
     kind = 'tuple' if may_be_empty else 'non-empty tuple'
-    raise ValueError(f'model.{name}={value!r} is not valid; it must be a {kind} of integers >= 1.')
+    raise ValueError(f'config.model.{name}={value!r} is not valid; it must be a {kind} of integers >= 1.')
 
 
 class Conv(nn.Module):

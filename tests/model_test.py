@@ -285,42 +285,48 @@ class FlattenOrderTest(parameterized.TestCase):
 
 class ValidationTest(parameterized.TestCase):
   @parameterized.parameters(
-    ({'strides': 0}, r'model\.strides=0 .* integer >= 1'),
-    ({'kernel_size': 0}, r'model\.kernel_size=0 .* integer >= 1'),
+    ({'strides': 0}, r'config\.model\.strides=0 .* integer >= 1'),
+    ({'kernel_size': 0}, r'config\.model\.kernel_size=0 .* integer >= 1'),
     # kernel_size and pool_window serve both stages: the valid values listed fit the whole network.
     (
       {'kernel_size': 33},
-      r'model\.kernel_size=33 is larger than the 32x32 input of conv1\..* pool_window=2: \[1, 5, 9\]',
+      r'config\.model\.kernel_size=33 is larger than the 32x32 input of conv1\..* pool_window=2: \[1, 5, 9\]',
     ),
     (
       {'kernel_size': 13},
-      r'model\.kernel_size=13 is larger than the 10x10 input of conv2\..* pool_window=2: \[1, 5, 9\]',
+      r'config\.model\.kernel_size=13 is larger than the 10x10 input of conv2\..* pool_window=2: \[1, 5, 9\]',
     ),
     ({'kernel_size': 10}, r'pool_window=2 does not divide the 23x23 output of conv1\..* pool_window=2: \[1, 5, 9\]'),
-    ({'pool_window': 3}, r'model\.pool_window=3 does not divide the 28x28 output of conv1\..* kernel_size=5: \[1, 2\]'),
-    ({'pool_window': 4}, r'model\.pool_window=4 does not divide the 3x3 output of conv2\..* kernel_size=5: \[1, 2\]'),
+    (
+      {'pool_window': 3},
+      r'config\.model\.pool_window=3 does not divide the 28x28 output of conv1\..* kernel_size=5: \[1, 2\]',
+    ),
+    (
+      {'pool_window': 4},
+      r'config\.model\.pool_window=4 does not divide the 3x3 output of conv2\..* kernel_size=5: \[1, 2\]',
+    ),
     ({'strides': 3}, r'does not divide the 1x1 output of conv2\. .*strides=3 .* valid strides with both: \[1, 2\]'),
-    ({'flatten_seed': -1}, r'model\.flatten_seed=-1 .* integer >= 0'),
-    ({'strides': True}, r'model\.strides=True .* integer >= 1'),
+    ({'flatten_seed': -1}, r'config\.model\.flatten_seed=-1 .* integer >= 0'),
+    ({'strides': True}, r'config\.model\.strides=True .* integer >= 1'),
     ({'foo': 1}, r"config\.model has no setting foo; the settings are \['conv_features', 'kernel_size'"),
-    ({'pool_window': 0}, r'model\.pool_window=0 .* integer >= 1'),
+    ({'pool_window': 0}, r'config\.model\.pool_window=0 .* integer >= 1'),
     ({'activation': 'swish'}, r"model\.activation='swish' .* \('relu', 'tanh', 'sigmoid', 'gelu'\)"),
     ({'pool': 'min'}, r"model\.pool='min' .* \('max', 'avg'\)"),
     ({'padding': 'same'}, r"model\.padding='same' .* \('VALID', 'SAME'\)"),
     ({'flatten_order': 'wch'}, r"model\.flatten_order='wch' .* \('hwc', 'chw', 'random'\)"),
-    ({'conv_features': (3, 0)}, r'model\.conv_features=\(3, 0\) .* tuple of integers >= 1'),
-    ({'conv_features': ()}, r'model\.conv_features=\(\) .* non-empty tuple'),
-    ({'hidden_features': (-1,)}, r'model\.hidden_features=\(-1,\) .* integers >= 1'),
-    ({'num_classes': 0}, r'model\.num_classes=0 .* integer >= 1'),
+    ({'conv_features': (3, 0)}, r'config\.model\.conv_features=\(3, 0\) .* tuple of integers >= 1'),
+    ({'conv_features': ()}, r'config\.model\.conv_features=\(\) .* non-empty tuple'),
+    ({'hidden_features': (-1,)}, r'config\.model\.hidden_features=\(-1,\) .* integers >= 1'),
+    ({'num_classes': 0}, r'config\.model\.num_classes=0 .* integer >= 1'),
   )
   def test_invalid_setting_names_itself_and_the_valid_range(self, overrides, message):
     with pytest.raises(ValueError, match=message):
       model.create_model(make_config(**overrides))
 
   @parameterized.parameters(
-    ({'conv_features': 3}, r'model\.conv_features=3 .* non-empty tuple of integers'),
+    ({'conv_features': 3}, r'config\.model\.conv_features=3 .* non-empty tuple of integers'),
     ({'conv_features': '36'}, r"model\.conv_features='36' .* non-empty tuple of integers"),
-    ({'hidden_features': None}, r'model\.hidden_features=None .* tuple of integers >= 1'),
+    ({'hidden_features': None}, r'config\.model\.hidden_features=None .* tuple of integers >= 1'),
   )
   def test_widths_must_be_tuples_of_integers(self, settings, message):
     with pytest.raises(ValueError, match=message):
@@ -336,10 +342,10 @@ class ValidationTest(parameterized.TestCase):
       model.layer_shapes(config)
 
   @parameterized.parameters(
-    ((32, 34, 1), r'model\.pool_window=2 does not divide the 10x11 output of conv2\.'),
-    ((34, 32, 1), r'model\.pool_window=2 does not divide the 11x10 output of conv2\.'),
-    ((32, 4, 1), r'model\.kernel_size=5 is larger than the 32x4 input of conv1\.'),
-    ((4, 32, 1), r'model\.kernel_size=5 is larger than the 4x32 input of conv1\.'),
+    ((32, 34, 1), r'config\.model\.pool_window=2 does not divide the 10x11 output of conv2\.'),
+    ((34, 32, 1), r'config\.model\.pool_window=2 does not divide the 11x10 output of conv2\.'),
+    ((32, 4, 1), r'config\.model\.kernel_size=5 is larger than the 32x4 input of conv1\.'),
+    ((4, 32, 1), r'config\.model\.kernel_size=5 is larger than the 4x32 input of conv1\.'),
   )
   def test_the_pool_window_and_kernel_must_fit_both_sides(self, shape, message):
     config = make_config()

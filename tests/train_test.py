@@ -529,7 +529,7 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'input_shape': None}, r'config\.input_shape=None is not valid; .* three Python ints >= 1'),
     ({'num_models': 2, 'learning_rates': (0.1,)}, r'config\.learning_rates=\(0\.1,\) .* one finite .*\(num_models=2;'),
     ({'num_models': 2, 'learning_rates': (0.1, 0.2, 0.3)}, r'config\.learning_rates=\(0\.1, 0\.2, 0\.3\) .* one'),
-    ({'model': {'pool': 'median'}}, r"model\.pool='median' is not valid"),
+    ({'model': {'pool': 'median'}}, r"config\.model\.pool='median' is not valid"),
   ],
 )
 def test_invalid_training_setting_is_named(overrides, message, tmp_path, image_reads):
