@@ -179,15 +179,44 @@ def test_cosine_similarity_of_each_pair():
 def test_ink_lost_past_the_frame_per_digit_and_direction():
   assert sorted(explain.DIRECTIONS) == [(-1, 0), (0, -1), (0, 1), (1, 0)]  # One pixel up, left, right and down.
   background = -0.5
-  images = np.full((3, 8, 8, 1), background, np.float32)
+  images = np.full((4, 8, 8, 1), background, np.float32)
   images[0, 2:6, 7] = 1.0  # A stroke on the right edge,
   images[1, 3:5, 3:5] = 1.0  # a blob in the middle,
-  images[2, 0, 2:6] = 1.0  # a stroke on the top edge.
+  images[2, 0, 2:6] = 1.0  # a stroke on the top edge,
+  images[3, 2:6, 6:8] = 1.0  # a stroke two columns wide at the right edge.
   moved = [explain.shift_images(images, dy, dx, background) for dy, dx in explain.DIRECTIONS]
   share, digits = explain.ink_lost(images, moved, background)
-  # Digit 0 loses all its ink moving right, digit 2 moving up: 2 of the 12 (digit, direction) pairs lose everything.
-  assert share == pytest.approx(2 / 12)
-  assert digits == pytest.approx(2 / 3)
+  # Of the 16 (digit, direction) pairs, digit 0 loses all its ink moving right, digit 2 moving up, and digit 3 half
+  # of it moving right; any loss counts its digit.
+  assert share == pytest.approx(2.5 / 16)
+  assert digits == pytest.approx(3 / 4)
+
+
+def test_the_tables_and_plots_state_what_was_measured():
+  flatten = {
+    'loss_curves': {order: np.array([2.0, 1.0]) for order in explain.ORDERS},
+    'same_init_test_accuracy': dict.fromkeys(explain.ORDERS, 0.9),
+    'test_accuracy': dict.fromkeys(explain.ORDERS, [0.9, 0.91, 0.92, 0.93, 0.94]),
+    'seeds': {order: list(range(5)) for order in explain.ORDERS},
+  }
+  assert '  hwc     seeds 0-4     0.9200 ± 0.0141' in explain._flatten_table(flatten, 1, 4000, 1000)
+  # rel = (similarity - other) / (1 - other): (0.75 - 0.5) / 0.5, halfway between identical and another digit.
+  invariance = {
+    'shifts': [0, 1],
+    'ink_lost': [0.0, 0.01],
+    'digits_losing_ink': [0.0, 0.1],
+    'test_accuracy': 0.95,
+    'similarity': {name: dict.fromkeys(explain.INVARIANCE_LAYERS, [1.0, 0.75]) for name in ('trained', 'untrained')},
+    'other_digit': {
+      name: {**dict.fromkeys(explain.INVARIANCE_LAYERS, 0.5), 'agree': 0.1} for name in ('trained', 'untrained')
+    },
+    'agreement': {name: [1.0, 0.8] for name in ('trained', 'untrained')},
+  }
+  assert f'  {"conv1":15}   1.000   0.750   0.500   0.500' in explain._invariance_table(invariance, 1, 100).splitlines()
+  ax = Figure().subplots()
+  explain._plot_runs(ax, {'hwc': [0.1, 0.2, 0.9]})
+  (errorbar,) = ax.containers
+  assert errorbar.lines[0].get_ydata() == pytest.approx([0.4])  # The mean, not the median 0.2.
 
 
 def test_invariance_similarities(tmp_path):
