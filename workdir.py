@@ -120,13 +120,19 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
       raise
     except Exception as error:  # noqa: BLE001 -- any read failure means this checkpoint is unusable.
       if not set_aside_corrupt or set_aside:
+        older = sorted(s for s in steps if s < step)
+        if set_aside:
+          advice = f' Checkpoint {set_aside[0]} was unreadable too and is in {workdir}/corrupt_checkpoints.'
+        elif older:  # Reading a workdir moves nothing: say how training would recover.
+          advice = (
+            f' The older checkpoints {older} were not tried; train.py on this workdir would move this one to '
+            'corrupt_checkpoints/ and resume from the newest readable one.'
+          )
+        else:
+          advice = ' There is no older checkpoint.'
         raise RuntimeError(
           f'The checkpoint at step {step} in {manager.directory} cannot be read ({type(error).__name__}: {error}).'
-          + (
-            f' Checkpoint {set_aside[0]} was unreadable too and is in {workdir}/corrupt_checkpoints.'
-            if set_aside
-            else ''
-          )
+          + advice
         ) from error
       # The same step may have been set aside before, by a run that then made it again.
       quarantine = unused_path(os.path.join(workdir, 'corrupt_checkpoints', str(step)))

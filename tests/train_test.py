@@ -369,7 +369,8 @@ def test_an_unreadable_checkpoint_is_set_aside_by_training_only_and_two_stop_it(
   config = tiny_config(checkpoint_every_steps=5)
   train.train_and_evaluate(config, str(tmp_path))  # Checkpoints 10, 15 and 16.
   truncate_every_file(str(tmp_path / 'checkpoints' / '16'))
-  with pytest.raises(RuntimeError, match=r'checkpoint at step 16 .* cannot be read'):
+  message = r'checkpoint at step 16 .* cannot be read .* The older checkpoints \[10, 15\] were not tried; train\.py'
+  with pytest.raises(RuntimeError, match=message):
     train.load_params(config, str(tmp_path))  # Reading a workdir moves nothing.
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10', '15', '16']
   assert not os.path.exists(tmp_path / 'corrupt_checkpoints')
