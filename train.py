@@ -769,7 +769,13 @@ def main(argv):
   workdir_lib.quiet_orbax_logging()
   launch = {name: flags.FLAGS[name].value for name in ('coordinator_address', 'num_processes', 'process_id')}
   if flags.FLAGS.multihost:
-    jax.distributed.initialize(**launch)  # Unset ones are found on Cloud TPU, SLURM, Open MPI or Kubernetes.
+    try:
+      jax.distributed.initialize(**launch)  # Unset ones are found on Cloud TPU, SLURM, Open MPI or Kubernetes.
+    except ValueError as error:
+      raise app.UsageError(
+        f'--multihost found no cluster to join ({error}); give --coordinator_address, --num_processes and '
+        '--process_id, or launch where JAX finds them (Cloud TPU, SLURM, Open MPI, Kubernetes).'
+      ) from None
   elif any(value is not None for value in launch.values()):
     raise app.UsageError(f'--{"/--".join(launch)} join the processes of a --multihost run; add --multihost.')
   tune_cpu_runtime()

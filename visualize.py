@@ -5,7 +5,7 @@
 The config is the last one the workdir's runs saved (config.json, or the latest config_step<N>.json; else
 configs/default.py) and the parameters come from the workdir's latest checkpoint; without one, a fresh init is
 drawn and every title says so. The image is test example --index of the config's dataset. When
-<workdir>/metrics.jsonl exists, the learning curves are drawn too. The PNGs go to
+<workdir>/metrics.jsonl holds rows, the learning curves are drawn too. The PNGs go to
 <workdir>/pictures/test_example_<index>[_model_<k>]/ (or, when that is there already, <folder>_2/, _3, ...),
 unless --out_dir names a new or empty directory for them.
 """
@@ -256,10 +256,10 @@ def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, mod
   fig.axes[0].set(ylim=(0, 1), ylabel='probability')
   save(fig, 'probabilities', title)
 
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(metrics_path):
-    curves = _draw_learning_curves(read_metrics(workdir, model_index))
-    save(curves, 'learning_curves', f'learning curves ({metrics_path})')
+  metrics = read_metrics(workdir, model_index)
+  if metrics:  # Not for a run stopped before its first row.
+    curves = _draw_learning_curves(metrics)
+    save(curves, 'learning_curves', f'learning curves ({os.path.join(workdir, "metrics.jsonl")})')
   return paths
 
 

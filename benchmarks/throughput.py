@@ -75,6 +75,11 @@ flags.DEFINE_bool('torch', True, 'Time the PyTorch peer too, when torch is insta
 flag_checks.define_choices(
   'torch_variants', None, torch_peer and torch_peer.VARIANTS, 'PyTorch peer variants (default: all of them).'
 )
+flags.register_multi_flags_validator(
+  ['torch', 'torch_variants'],
+  lambda values: values['torch'] or not values['torch_variants'],
+  '--torch_variants names PyTorch variants to time, but --notorch times none: drop one of them',
+)
 flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant.', lower_bound=1)
 flags.DEFINE_integer('images_per_repeat', 16384, 'Training images per timed repeat (at least 10 steps).', lower_bound=1)
 

@@ -55,6 +55,7 @@ QUICK_FLAGS = {
     ('throughput.py', '--repeats=0', '--repeats=0: 0 is not a positive integer'),
     ('throughput.py', '--threads=0', '--threads=0: 0 is not a positive integer'),
     ('throughput.py', f'--threads={AVAILABLE_CPUS + 1}', '--threads must be at most the'),
+    ('throughput.py', '--torch_variants=eager', 'but --notorch times none'),  # The quick flags have --notorch.
     ('conv_variants.py', '--batch_sizes=0', '--batch_sizes must be one or more distinct comma-separated integers >= 1'),
     ('profile_step.py', '--num_models=0', '--num_models=0: 0 is not a positive integer'),
     ('profile_step.py', '--steps=-3', '--steps=-3: -3 is not a positive integer'),

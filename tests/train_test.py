@@ -1059,8 +1059,9 @@ def test_hosts_with_different_copies_are_refused(tmp_path):
     ('--num_processes=2', '--coordinator_address/--num_processes/--process_id join the processes of a --multihost run'),
     ('--config.model.pol=avg', 'the config has no field \'pol\'\nDid you mean "pool" instead of "pol"?'),
     ('--config=configs/nope.py', f'--config=configs/nope.py: there is no file configs/nope.py; see {REPO}/configs/.'),
+    ('--multihost', '--multihost found no cluster to join (coordinator_address should be defined.)'),
   ],
-  ids=['process_flags_without_multihost', 'mistyped_config_field', 'missing_config_file'],
+  ids=['process_flags_without_multihost', 'mistyped_config_field', 'missing_config_file', 'multihost_alone'],
 )
 def test_bad_flags_are_refused_by_name_before_any_work(tmp_path, flag, message):
   result = subprocess.run(

@@ -192,6 +192,14 @@ def test_a_sweeps_model_is_drawn_with_its_own_learning_curves(tmp_path, monkeypa
   np.testing.assert_array_equal(train_loss.get_ydata(), [3.0, 2.0])  # Model 1's.
 
 
+def test_a_run_stopped_before_its_first_metrics_row_gets_no_empty_learning_curves(tmp_path, monkeypatch):
+  workdir_lib.save_config(default.get_config(), str(tmp_path), 0)
+  (tmp_path / 'metrics.jsonl').write_text('')
+  figures = drawn_figures(monkeypatch)
+  visualize.write_pictures(str(tmp_path))
+  assert list(figures) == [name[3:-4] for name in LAYER_PICTURES]
+
+
 def test_a_model_past_the_sweep_is_refused_before_the_test_example_is_read(tmp_path, monkeypatch):
   config = default.get_config()
   config.num_models = 2
