@@ -450,7 +450,7 @@ def _check_latest_checkpoint(config: ml_collections.ConfigDict, workdir: str, st
   if latest_step > total_steps:
     raise ValueError(
       f'The latest checkpoint in {workdir} is at step {latest_step}, past the {total_steps} steps of '
-      f'config.num_epochs={config.num_epochs}; set num_epochs >= {-(-latest_step // steps_per_epoch)} to resume '
+      f'config.num_epochs={config.num_epochs}; set config.num_epochs >= {-(-latest_step // steps_per_epoch)} to resume '
       'it (its parameters can be loaded with train.load_params), or use a new --workdir; nothing was changed.'
     )
 

@@ -166,7 +166,7 @@ def test_resuming_past_num_epochs_is_refused(short_run, tmp_path, latest, image_
     shutil.rmtree(os.path.join(workdir, 'checkpoints', '124'))
   before = file_digests(workdir)
   # One epoch of 62 steps would end before the checkpoint and return its state as if it had.
-  message = rf'at step {latest}, past the 62 steps of config\.num_epochs=1; set num_epochs >= 2 '
+  message = rf'at step {latest}, past the 62 steps of config\.num_epochs=1; set config\.num_epochs >= 2 '
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(short_config(num_epochs=1), workdir)
   assert file_digests(workdir) == before  # No config saved, no metrics written, no checkpoint moved.
