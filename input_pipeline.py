@@ -113,11 +113,6 @@ def _open(
     raise ValueError(f'split={split!r} is not one of {SPLITS}.')
   if config.dataset not in DATASETS:
     raise ValueError(f'config.dataset={config.dataset!r} is not one of {DATASETS}.')
-  if config.dataset == 'embedded_mnist' and config.get('data_dir'):  # Else a run meant for tfds data trains on it.
-    raise ValueError(
-      f'config.data_dir={config.data_dir!r} is not read by dataset embedded_mnist, whose digits ship in data/; '
-      f'set config.dataset to one of {DATASETS[1:]} (or --config=configs/mnist.py) to read it, or leave it unset.'
-    )
   validation_size = config.get('validation_size', 0)
   if split == 'validation' and validation_size < 1:
     raise ValueError(f"split='validation' needs config.validation_size >= 1; it is {validation_size}.")

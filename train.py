@@ -160,6 +160,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] % jax.device_count():
       fail(name, f'it must divide evenly over the {jax.device_count()} devices (a multiple of {jax.device_count()})')
+  if config.dataset == 'embedded_mnist' and config.get(
+    'data_dir'
+  ):  # Else a run meant for tfds data trains on the digits.
+    fail(
+      'data_dir',
+      f'dataset embedded_mnist ships in data/ and reads none; set config.dataset to one of '
+      f'{input_pipeline.DATASETS[1:]} (or --config=configs/mnist.py) to read it, or leave it unset',
+    )
   model.create_model(config)  # Checks config.input_shape too.
   side = min(config.input_shape[:2])
   if config.random_crop_padding >= side:
@@ -436,23 +444,25 @@ def _warn_if_the_schedule_moves(
 
 
 def _check_latest_checkpoint(config: ml_collections.ConfigDict, workdir: str, steps_per_epoch: int) -> None:
-  """Raises ValueError, with nothing read but the checkpoints' list and saved configs, if the latest checkpoint in
-  `workdir` cannot be resumed with `config`: made with other batches or another model (`_check_resumable`), or past
-  config.num_epochs (the run would end before it and return its state as if it had trained)."""
+  """Raises ValueError, having read only the checkpoints' metadata and the saved configs, if the latest checkpoint
+  in `workdir` cannot be resumed with `config`: made with other batches or another model (`_check_resumable`), past
+  config.num_epochs (the run would end before it and return its state as if it had trained), or holding another
+  model's or optimiser's arrays (IncompatibleCheckpointError)."""
   with workdir_lib.checkpoint_manager(workdir) as manager:  # Without max_to_keep: it makes and deletes nothing.
     latest_step = manager.latest_step()
-  if latest_step is None:
-    return
-  previous = workdir_lib.load_config(workdir, latest_step)
-  if previous is not None:
-    _check_resumable(config, previous, workdir, latest_step)
-  total_steps = config.num_epochs * steps_per_epoch
-  if latest_step > total_steps:
-    raise ValueError(
-      f'The latest checkpoint in {workdir} is at step {latest_step}, past the {total_steps} steps of '
-      f'config.num_epochs={config.num_epochs}; set config.num_epochs >= {-(-latest_step // steps_per_epoch)} to resume '
-      'it (its parameters can be loaded with train.load_params), or use a new --workdir; nothing was changed.'
-    )
+    if latest_step is None:
+      return
+    previous = workdir_lib.load_config(workdir, latest_step)
+    if previous is not None:
+      _check_resumable(config, previous, workdir, latest_step)
+    total_steps = config.num_epochs * steps_per_epoch
+    if latest_step > total_steps:
+      raise ValueError(
+        f'The latest checkpoint in {workdir} is at step {latest_step}, past the {total_steps} steps of '
+        f'config.num_epochs={config.num_epochs}; set config.num_epochs >= {-(-latest_step // steps_per_epoch)} to '
+        'resume it (its parameters can be loaded with train.load_params), or use a new --workdir; nothing was changed.'
+      )
+    workdir_lib.check_compatible(manager, jax.eval_shape(lambda: create_initial_state(config, steps_per_epoch)))
 
 
 def _resume_or_start(
@@ -462,12 +472,12 @@ def _resume_or_start(
   initial_state: train_state.TrainState,
   steps_per_epoch: int,
 ) -> train_state.TrainState:
-  """The latest readable checkpoint's state in `workdir` (checked by `_check_latest_checkpoint`), or `initial_state`.
+  """The latest readable checkpoint's state in `workdir`, or `initial_state`; `_check_latest_checkpoint` has checked
+  that the latest can be resumed.
 
   The restored state takes its static fields (apply_fn, and tx with the schedule) and its peak learning rate from
   `initial_state`: the peak is a hyperparameter in the optimiser state, so that a resumed run can lower it
-  (config_step<N>.json records the change). Raises IncompatibleCheckpointError, with nothing changed, for a
-  checkpoint of another model or optimiser.
+  (config_step<N>.json records the change).
   """
   if jax.process_count() > 1:  # Every host has listed the checkpoints before any could set a corrupt one aside.
     multihost_utils.sync_global_devices('tinycnn: checkpoints listed')
@@ -518,7 +528,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   setup_start = time.perf_counter()
   check_config(config)
   if not workdir or (os.path.exists(workdir) and not os.path.isdir(workdir)):
-    raise ValueError(f'workdir={workdir!r} is not valid; name a directory for the run, new or one it resumes.')
+    problem = 'is not a directory' if workdir else 'is empty'
+    raise ValueError(f'workdir={workdir!r} {problem}; name a directory for the run, new or one it resumes.')
   eval_split = 'validation' if config.validation_size else 'test'
   # The checks that need the splits' sizes take them from the dataset's index: no image is read before they pass.
   num_train = input_pipeline.split_size(config, 'train')
@@ -557,14 +568,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   mesh = device_mesh()
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
+  # On the devices once: every epoch and every evaluation gathers its batches there.
+  train_data = place_replicated(input_pipeline.load_split(config, 'train'), mesh)
+  eval_data = place_replicated(input_pipeline.load_split(config, eval_split), mesh)
   sweep = config.num_models > 1
   state = place_replicated(create_initial_state(config, steps_per_epoch), mesh)
   manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
   state = _resume_or_start(config, workdir, manager, state, steps_per_epoch)
   start_step = int(np.max(state.step))
-  # On the devices once: every epoch and every evaluation gathers its batches there.
-  train_data = place_replicated(input_pipeline.load_split(config, 'train'), mesh)
-  eval_data = place_replicated(input_pipeline.load_split(config, eval_split), mesh)
   workdir_lib.save_config(config, workdir, start_step)
   learning_rates = np.asarray(jax.device_get(state.opt_state.hyperparams['learning_rate'])).reshape(-1)
 

@@ -92,6 +92,20 @@ def unused_path(stem: str, suffix: str = '', taken: Callable[[str], bool] = os.p
   return next(path for path in (candidate + suffix for candidate in candidates) if not taken(path))
 
 
+def check_compatible(manager: ocp.CheckpointManager, abstract_state) -> None:
+  """Raises IncompatibleCheckpointError if the checkpoints hold another model or optimiser state than
+  `abstract_state` (shapes and dtypes suffice). A run's checkpoints share one structure, so the newest that lists its
+  arrays speaks for all; unreadable ones are skipped, for `restore_checkpoint` to deal with."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      _check_compatible(manager, step, abstract_state)
+    except IncompatibleCheckpointError:
+      raise
+    except Exception:  # noqa: BLE001 -- unreadable: not this function's to judge.
+      continue
+    return
+
+
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: str, *, set_aside_corrupt: bool):
   """The latest checkpoint as a TrainState, or None when there is none.
 
@@ -100,17 +114,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
   workdir/corrupt_checkpoints/ (never deleted) and the previous one is used; a second unreadable one stops the run,
   since that points to a cause other than an interrupted write.
   """
+  check_compatible(manager, abstract_state)  # Before an unreadable checkpoint could be set aside.
   steps = sorted(manager.all_steps(), reverse=True)
-  # A run's checkpoints share one structure, so the first that lists its arrays speaks for all: another model or
-  # optimiser is refused before an unreadable checkpoint could be set aside.
-  for step in steps:
-    try:
-      _check_compatible(manager, step, abstract_state)
-    except IncompatibleCheckpointError:
-      raise
-    except Exception:  # noqa: BLE001 -- unreadable: handled below.
-      continue
-    break
   set_aside = []
   for step in steps:
     try:
@@ -125,8 +130,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
           advice = f' Checkpoint {set_aside[0]} was unreadable too and is in {workdir}/corrupt_checkpoints.'
         elif older:  # Reading a workdir moves nothing: say how training would recover.
           advice = (
-            f' The older checkpoints {older} were not tried; train.py on this workdir would move this one to '
-            'corrupt_checkpoints/ and resume from the newest readable one.'
+            f' Older checkpoints, not tried: {older}. train.py on this workdir would move this one to '
+            f'corrupt_checkpoints/ and resume from checkpoint {older[-1]}, if that one reads.'
           )
         else:
           advice = ' There is no older checkpoint.'

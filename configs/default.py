@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.dataset = 'embedded_mnist'
-  # Where tfds keeps its datasets (embedded_mnist refuses one). A typed None, so --config.data_dir=DIR can set it.
+  # Where tfds keeps its datasets (a run of embedded_mnist refuses one). A typed None: --config.data_dir=DIR sets it.
   config.data_dir = ml_collections.config_dict.placeholder(str)
   config.input_shape = (32, 32, 1)
   # Augmentation: move each training image by up to random_crop_padding pixels (a random crop of the image padded

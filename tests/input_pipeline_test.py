@@ -304,12 +304,6 @@ def test_augment():
     ({'input_shape': (28, 28, 1)}, 'test', r'config.input_shape=\(28, 28, 1\)'),
     # Found before reading anything: there is no cifar10 in this data_dir.
     ({'dataset': 'cifar10', 'data_dir': '/nonexistent'}, 'train', r'\(32, 32, 1\) does not match the cifar10 images'),
-    # A run meant for the tfds data would otherwise train on the embedded digits.
-    (
-      {'data_dir': '/data/tfds'},
-      'test',
-      r"config.data_dir='/data/tfds' is not read by dataset embedded_mnist.* \('mnist', 'fashion_mnist', 'cifar10'\)",
-    ),
     ({}, 'valid', r"split='valid' is not one of \('train', 'validation', 'test'\)"),
     ({}, 'validation', r'config.validation_size >= 1'),
     ({'validation_size': 4000}, 'train', r'config.validation_size=4000 is not valid'),

@@ -190,7 +190,9 @@ def wide_config():
   ids=['model', 'optimiser', 'sweep'],
 )
 @pytest.mark.parametrize('latest_readable', [True, False], ids=['latest_readable', 'latest_unreadable'])
-def test_incompatible_checkpoint_is_refused_and_kept(short_run, tmp_path, make_config, message, latest_readable):
+def test_incompatible_checkpoint_is_refused_and_kept(
+  short_run, tmp_path, make_config, message, latest_readable, image_reads
+):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
   for path in glob.glob(os.path.join(workdir, 'config*.json')):
     os.remove(path)  # The checkpoint's own structure is checked, without the saved config's settings to compare.
@@ -202,6 +204,7 @@ def test_incompatible_checkpoint_is_refused_and_kept(short_run, tmp_path, make_c
   with pytest.raises(ValueError, match=f'(?s)checkpoint at step {refusing_step} in .* {message}.*{advice}'):
     train.train_and_evaluate(make_config(), workdir)
   assert file_digests(workdir) == before
+  assert image_reads == []  # Found from the checkpoints' metadata.
 
 
 @pytest.mark.parametrize('setting, value', [('batch_size', 32), ('validation_size', 500), ('seed', 1)])
@@ -352,6 +355,10 @@ def test_a_run_restarting_from_scratch_after_its_only_checkpoint_was_set_aside_m
   resumed = tiny_config(max_checkpoints_to_keep=1, learning_rate=1e-3)
   train.train_and_evaluate(resumed, str(tmp_path))
   truncate_every_file(str(tmp_path / 'checkpoints' / '16'))
+  with pytest.raises(
+    RuntimeError, match=r'checkpoint at step 16 .* cannot be read .*\. There is no older checkpoint\.'
+  ):
+    train.load_params(resumed, str(tmp_path))
   state, _ = train.train_and_evaluate(resumed, str(tmp_path))  # 16 set aside, none left: a new run from 0.
   assert os.listdir(tmp_path / 'corrupt_checkpoints') == ['16']
   assert os.listdir(tmp_path / 'superseded_configs') == ['config_step8.json']
@@ -369,7 +376,9 @@ def test_an_unreadable_checkpoint_is_set_aside_by_training_only_and_two_stop_it(
   config = tiny_config(checkpoint_every_steps=5)
   train.train_and_evaluate(config, str(tmp_path))  # Checkpoints 10, 15 and 16.
   truncate_every_file(str(tmp_path / 'checkpoints' / '16'))
-  message = r'checkpoint at step 16 .* cannot be read .* The older checkpoints \[10, 15\] were not tried; train\.py'
+  message = (
+    r'checkpoint at step 16 .* cannot be read .* Older checkpoints, not tried: \[10, 15\]\. .* from checkpoint 15,'
+  )
   with pytest.raises(RuntimeError, match=message):
     train.load_params(config, str(tmp_path))  # Reading a workdir moves nothing.
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10', '15', '16']
@@ -531,6 +540,11 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'num_models': 2, 'learning_rates': (0.1,)}, r'config\.learning_rates=\(0\.1,\) .* one finite .*\(num_models=2;'),
     ({'num_models': 2, 'learning_rates': (0.1, 0.2, 0.3)}, r'config\.learning_rates=\(0\.1, 0\.2, 0\.3\) .* one'),
     ({'model': {'pool': 'median'}}, r"config\.model\.pool='median' is not valid"),
+    # A run meant for tfds data would train on the embedded digits (readers of a saved config ignore it).
+    (
+      {'data_dir': '/data/tfds'},
+      r"config\.data_dir='/data/tfds' .* embedded_mnist .* \('mnist', 'fashion_mnist', 'cifar10'\)",
+    ),
   ],
 )
 def test_invalid_training_setting_is_named(overrides, message, tmp_path, image_reads):
@@ -540,11 +554,11 @@ def test_invalid_training_setting_is_named(overrides, message, tmp_path, image_r
   assert image_reads == []
 
 
-@pytest.mark.parametrize('name', ['', 'a_file'])
-def test_a_workdir_that_cannot_be_a_directory_is_refused_before_any_image_is_read(name, tmp_path, image_reads):
+@pytest.mark.parametrize('name, problem', [('', 'is empty'), ('a_file', 'is not a directory')])
+def test_a_workdir_that_cannot_be_a_directory_is_refused_before_any_image_is_read(name, problem, tmp_path, image_reads):
   (tmp_path / 'a_file').write_text('a note')
   workdir = str(tmp_path / name) if name else ''
-  with pytest.raises(ValueError, match=rf'workdir={re.escape(repr(workdir))} is not valid; name a directory'):
+  with pytest.raises(ValueError, match=rf'workdir={re.escape(repr(workdir))} {problem}; name a directory'):
     train.train_and_evaluate(short_config(), workdir)
   assert (tmp_path / 'a_file').read_text() == 'a note'
   assert image_reads == []
