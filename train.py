@@ -604,6 +604,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   writer = workdir_lib.MetricWriter(workdir, config.num_models)
   pending = []  # (step, metrics) not yet checked for NaN, logged or checkpointed.
   eval_seconds = 0.0
+  full_evaluation_seconds = []  # Each evaluation of the whole split: the ETA's estimate of those to come.
   last_log_time, last_log_step, last_log_eval_seconds = time.perf_counter(), start_step, eval_seconds
 
   def checked_evaluation(step, params, num_batches=None):
@@ -612,22 +613,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     jax.block_until_ready(params)  # Dispatch runs ahead: count the queued training steps as training.
     eval_start = time.perf_counter()
     eval_metrics = evaluate(eval_fn, params, eval_data, config.eval_batch_size, num_batches)
-    eval_seconds += time.perf_counter() - eval_start
+    seconds = time.perf_counter() - eval_start
+    eval_seconds += seconds
+    if num_batches is None:
+      full_evaluation_seconds.append(seconds)
     _check_finite([(step, eval_metrics['loss'])], config, learning_rates, f'{eval_split} loss')
     return eval_metrics
 
-  def log_progress(step, train_metrics):
-    """The progress line: steps/s and images/s of training alone; the ETA in wall time, evaluations included."""
+  def log_progress(step, train_metrics, evaluates_now=False):
+    """The progress line: steps/s and images/s of training alone, and an ETA of the steps left at that speed plus
+    the evaluations still to come (`evaluates_now`: one after `step` itself) at the mean time of those so far."""
     nonlocal last_log_time, last_log_step, last_log_eval_seconds
     now = time.perf_counter()
     steps = step - last_log_step
-    wall_seconds = now - last_log_time
-    steps_per_second = steps / (wall_seconds - (eval_seconds - last_log_eval_seconds))
+    steps_per_second = steps / (now - last_log_time - (eval_seconds - last_log_eval_seconds))
+    evaluations_left = len(range((step // eval_every + 1) * eval_every, total_steps, eval_every)) + evaluates_now + 1
+    evaluation_seconds = np.mean(full_evaluation_seconds) if full_evaluation_seconds else 0.0  # None yet: unknown.
+    eta = (total_steps - step) / steps_per_second + evaluations_left * evaluation_seconds
     logging.info(
       'step %d/%d epoch %d  train loss %s accuracy %s  %.1f steps/s %.0f images/s  ETA %.0f s%s',
       step, total_steps, -(-step // steps_per_epoch), _fmt(train_metrics['loss']),
       _fmt(train_metrics['accuracy']), steps_per_second,
-      steps_per_second * config.batch_size * config.num_models, (total_steps - step) * wall_seconds / steps,
+      steps_per_second * config.batch_size * config.num_models, eta,
       f'  (compiled in {compile_seconds:.2f} s)' if last_log_step == start_step else '',
     )  # fmt: skip
     last_log_time, last_log_step, last_log_eval_seconds = now, step, eval_seconds
@@ -651,7 +658,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
       writer.write(step, 'train', train_metrics)
       pending = []
       if by_step:
-        log_progress(step, train_metrics)
+        log_progress(step, train_metrics, evaluates_now=evaluates)
     if evaluates:
       eval_metrics = checked_evaluation(step, state.params)
       writer.write(step, eval_split, eval_metrics)
