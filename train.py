@@ -760,11 +760,11 @@ def _fmt(value: np.ndarray) -> str:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a --config file that is not there, or a --config.<field> the config lacks, reported
   as a usage error, not a traceback."""
-  config_value = None  # The last --config given wins, as in absl.
-  for before, arg in itertools.pairwise(argv):
-    if arg.startswith('--config='):
-      config_value = arg.removeprefix('--config=')
-    elif before == '--config':
+  config_value = None  # The last --config given wins, as in absl, which takes -config too.
+  for before, arg in itertools.pairwise(argv[: argv.index('--')] if '--' in argv else argv):  # '--' ends the flags.
+    if arg.startswith(('--config=', '-config=')):
+      config_value = arg.partition('=')[2]
+    elif before in ('--config', '-config'):
       config_value = arg
   config_file = None if config_value is None else config_value.split(':', 1)[0]  # path:argument, as ml_collections.
   if config_file is not None and not os.path.isfile(config_file):
@@ -791,8 +791,9 @@ def main(argv):
       jax.distributed.initialize(**launch)  # Unset ones are found on Cloud TPU, SLURM, Open MPI or Kubernetes.
     except ValueError as error:
       raise app.UsageError(
-        f'--multihost found no cluster to join ({error}); give --coordinator_address, --num_processes and '
-        '--process_id, or launch where JAX finds them (Cloud TPU, SLURM, Open MPI, Kubernetes).'
+        f'--multihost could not join a cluster ({error}); give --coordinator_address, --num_processes and '
+        '--process_id (from 0 to num_processes - 1), or launch where JAX finds them (Cloud TPU, SLURM, Open MPI, '
+        'Kubernetes).'
       ) from None
   elif any(value is not None for value in launch.values()):
     raise app.UsageError(f'--{"/--".join(launch)} join the processes of a --multihost run; add --multihost.')

@@ -1071,20 +1071,29 @@ def test_hosts_with_different_copies_are_refused(tmp_path):
     ]
 
 
+MISSING_CONFIG = f'there is no file configs/nope.py; see {REPO}/configs/.'
+
+
 @pytest.mark.parametrize(
-  'flag, message',
+  'flags, message',
   [
-    ('--num_processes=2', '--coordinator_address/--num_processes/--process_id join the processes of a --multihost run'),
-    ('--config.model.pol=avg', 'the config has no field \'pol\'\nDid you mean "pool" instead of "pol"?'),
-    ('--config=configs/nope.py', f'--config=configs/nope.py: there is no file configs/nope.py; see {REPO}/configs/.'),
-    ('--multihost', '--multihost found no cluster to join (coordinator_address should be defined.)'),
+    (['--num_processes=2'], '--coordinator_address/--num_processes/--process_id join the processes of a --multihost'),
+    (['--config.model.pol=avg'], 'the config has no field \'pol\'\nDid you mean "pool" instead of "pol"?'),
+    (['--config=configs/nope.py'], f'--config=configs/nope.py: {MISSING_CONFIG}'),
+    # A config argument (path:argument), absl's one-dash and spaced forms, and an override, which ml_collections
+    # would call an unknown flag.
+    (['-config', 'configs/nope.py:arg', '--config.num_epochs=1'], f'--config=configs/nope.py:arg: {MISSING_CONFIG}'),
+    (['--multihost'], '--multihost could not join a cluster (coordinator_address should be defined.)'),
   ],
-  ids=['process_flags_without_multihost', 'mistyped_config_field', 'missing_config_file', 'multihost_alone'],
-)
-def test_bad_flags_are_refused_by_name_before_any_work(tmp_path, flag, message):
+  ids=['process_flags_without_multihost', 'mistyped_config_field', 'missing_config_file', 'missing_config_file_spaced',
+       'multihost_alone'],
+)  # fmt: skip
+def test_bad_flags_are_refused_by_name_before_any_work(tmp_path, flags, message):
+  # Without the variables by which JAX would find a SLURM, Open MPI or Kubernetes cluster to join.
+  environment = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_', 'KUBERNETES_'))}
   result = subprocess.run(
-    [sys.executable, 'train.py', '--config=configs/default.py', f'--workdir={tmp_path / "run"}', flag],
-    cwd=REPO, capture_output=True, text=True,
+    [sys.executable, 'train.py', '--config=configs/default.py', f'--workdir={tmp_path / "run"}', *flags],
+    cwd=REPO, capture_output=True, text=True, env=environment,
   )  # fmt: skip
   assert result.returncode != 0
   assert message in result.stderr and 'Traceback' not in result.stderr
