@@ -160,9 +160,14 @@ def _open_split(
 ) -> tuple[int, Callable[[range], tuple[np.ndarray, np.ndarray]]]:
   """(N, a function reading the uint8 images [R, H, W, C] and labels [R] of some rows) of a stored split."""
   if dataset == 'embedded_mnist':
-    with np.load(EMBEDDED_PATH) as npz:
-      images, labels = npz[f'x_{split}'][..., None], npz[f'y_{split}']
-    return len(labels), lambda rows: (images[rows.start : rows.stop], labels[rows.start : rows.stop])
+    with np.load(EMBEDDED_PATH) as npz:  # Each array is decompressed when first indexed: the labels alone here.
+      labels = npz[f'y_{split}']
+
+    def read_embedded(rows: range):
+      with np.load(EMBEDDED_PATH) as npz:
+        return npz[f'x_{split}'][rows.start : rows.stop, ..., None], labels[rows.start : rows.stop]
+
+    return len(labels), read_embedded
   source = _tfds_source(dataset, split, data_dir)
 
   def read(rows: range):

@@ -86,11 +86,16 @@ def test_validation_is_the_held_out_tail_of_train(train_split):
   assert np.bincount(validation['label']).min() >= 30  # The train split is shuffled, not grouped by class.
 
 
-def test_split_sizes_are_those_of_the_splits_with_no_image_read(image_reads):
+def test_split_sizes_are_those_of_the_splits_with_no_image_read(image_reads, monkeypatch):
+  arrays_read, getitem = [], np.lib.npyio.NpzFile.__getitem__
+  monkeypatch.setattr(
+    np.lib.npyio.NpzFile, '__getitem__', lambda npz, key: arrays_read.append(key) or getitem(npz, key)
+  )
   config = _config(validation_size=500)
   sizes = [input_pipeline.split_size(config, split) for split in ('train', 'validation', 'test')]
   assert sizes == [3500, 500, 1000]
   assert image_reads == []
+  assert sorted(set(arrays_read)) == ['y_test', 'y_train']  # Only the labels were decompressed, not the images.
 
 
 @pytest.mark.parametrize(
