@@ -41,9 +41,7 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, model_index: in
   A sweep (config.num_models = K > 1) checkpoints K models; model `model_index` is taken, whose seed is seed + k.
   """
   num_models = config.get('num_models', 1)
-  if not 0 <= model_index < num_models:
-    held = f'models 0 to {num_models - 1}' if num_models > 1 else 'one model, 0'
-    raise ValueError(f'--model={model_index} is not valid; the workdir holds {held}.')
+  _check_model_index(num_models, model_index)
   of_sweep = f', model {model_index} of {num_models}' if num_models > 1 else ''
   loaded = train.load_params(config, workdir)
   if loaded is None:
@@ -54,6 +52,12 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, model_index: in
   if num_models > 1:
     params = jax.tree.map(lambda p: p[model_index], params)
   return params, f'checkpoint at step {step}{of_sweep}'
+
+
+def _check_model_index(num_models: int, model_index: int) -> None:
+  if not 0 <= model_index < num_models:
+    held = f'models 0 to {num_models - 1}' if num_models > 1 else 'one model (0)'
+    raise ValueError(f'--model={model_index} is not valid; the workdir holds {held}.')
 
 
 def read_metrics(workdir: str, model_index: int = 0) -> dict[str, dict[int, dict]]:
@@ -177,10 +181,11 @@ def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, mod
     )
   # Every run saves its config first, so a directory with other files but none is not a workdir (its checkpoints/
   # folder, say): a fresh init drawn into it would pass for the run's pictures.
-  if not workdir_lib.saved_configs(workdir) and set(os.listdir(workdir)) - {'pictures'}:
+  others = {name for name in os.listdir(workdir) if not name.startswith('.')} - {'pictures'}
+  if not workdir_lib.saved_configs(workdir) and others:
     raise ValueError(
-      f'--workdir={workdir} holds files but no saved config (config.json): it is not a training workdir. Give one, '
-      'or an existing empty directory to draw a fresh init of configs/default.py.'
+      f'--workdir={workdir} holds files but no saved config (config.json or config_step<N>.json): it is not a '
+      'training workdir. Give one, or an existing empty directory to draw a fresh init of configs/default.py.'
     )
   if out_dir is not None:
     if not out_dir or os.path.isfile(out_dir):
@@ -189,12 +194,14 @@ def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, mod
       raise ValueError(
         f'--out_dir={out_dir} already holds files; name a new or empty directory, so none is overwritten.'
       )
+  config = load_config(workdir)
+  _check_model_index(config.get('num_models', 1), model_index)
+  if out_dir is not None:
     try:  # Now, rather than after the checkpoint is read and the example drawn.
       os.makedirs(out_dir, exist_ok=True)
     except OSError as error:
       raise ValueError(f'--out_dir={out_dir} cannot be made ({error}); name a directory that can.') from None
-  config = load_config(workdir)
-  params, source = load_params(config, workdir, model_index)  # First: a model past the sweep is refused unread.
+  params, source = load_params(config, workdir, model_index)
   image, label = input_pipeline.load_example(config, 'test', index)
   if out_dir is None:
     # One folder per drawing, so that drawing another example or model keeps the pictures already drawn, and one

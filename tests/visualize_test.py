@@ -66,8 +66,9 @@ def test_fresh_init_draws_every_layer(tmp_path):
   for path in paths:
     assert os.path.dirname(path) == str(tmp_path / 'pictures')
     assert_png_not_blank(path)
-  # A directory holding only pictures of a fresh init is drawn into again, beside them.
+  # A directory holding only pictures of a fresh init (and a file browser's hidden file) is drawn into again.
   (workdir / 'pictures' / 'test_example_3').mkdir(parents=True)
+  (workdir / '.DS_Store').write_bytes(b'')
   again = visualize.write_pictures(str(workdir), index=3)
   assert os.path.dirname(again[0]) == str(workdir / 'pictures' / 'test_example_3_2')
 
@@ -88,7 +89,7 @@ def test_an_out_dir_that_is_not_a_new_or_empty_directory_is_refused_before_anyth
   (tmp_path / 'drawn').mkdir()
   (tmp_path / 'drawn' / '09_probabilities.png').write_text('an earlier drawing')
   (tmp_path / 'run').mkdir()
-  monkeypatch.setattr(visualize, 'load_config', lambda workdir: pytest.fail('the workdir was read'))
+  monkeypatch.setattr(visualize, 'load_params', lambda *args: pytest.fail('a checkpoint was read'))
   with pytest.raises(ValueError, match=message):
     visualize.write_pictures(str(tmp_path / 'run'), out_dir=str(tmp_path / out_dir) if out_dir else '')
   assert sorted(os.listdir(tmp_path)) == ['a_file', 'drawn', 'run']
@@ -207,8 +208,8 @@ def test_a_model_past_the_sweep_is_refused_before_the_test_example_is_read(tmp_p
   splits_read = []
   monkeypatch.setattr(input_pipeline, 'load_example', lambda config, split, index: splits_read.append(split))
   with pytest.raises(ValueError, match=r'--model=2 is not valid; the workdir holds models 0 to 1'):
-    visualize.write_pictures(str(tmp_path), model_index=2)
-  assert splits_read == [] and os.listdir(tmp_path) == ['config.json']
+    visualize.write_pictures(str(tmp_path), out_dir=str(tmp_path / 'pictures'), model_index=2)
+  assert splits_read == [] and os.listdir(tmp_path) == ['config.json']  # Not even the --out_dir made.
 
 
 def test_fresh_init_is_named_as_such(tmp_path):
