@@ -533,7 +533,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   eval_split = 'validation' if config.validation_size else 'test'
   # The checks that need the splits' sizes take them from the dataset's index: no image is read before they pass.
   num_train = input_pipeline.split_size(config, 'train')
-  input_pipeline.split_size(config, eval_split)
+  input_pipeline.split_size(
+    config, eval_split
+  )  # A tfds test split not prepared is found before the train split is read.
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
   total_steps = config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps or steps_per_epoch

@@ -207,7 +207,8 @@ def test_the_workload_trains_as_the_pytorch_peer_does(benchmarks_on_path):
     0.01,
     'constant',
   )
-  assert config.random_crop_padding == 0 and config.random_flip is False  # The peer neither shifts nor mirrors.
+  assert config.random_crop_padding == 0 and config.random_flip is False  # The peer neither shifts nor mirrors,
+  assert config.weight_decay == 0 and config.grad_clip_norm == 0  # nor decays or clips.
   assert (config.batch_size, config.input_shape) == (32, (32, 32, 3))
 
 

@@ -437,6 +437,7 @@ def test_an_infinite_loss_stops_the_run_like_nan():
   'overrides, advice',
   [
     ({}, 'resume with a smaller --config.learning_rate, or .* --config.warmup_epochs=1,'),
+    ({'num_models': 2}, 'resume with a smaller --config.learning_rate, or'),  # A sweep sharing learning_rate.
     # A sweep's learning_rates override learning_rate; one epoch takes a warmup below 1.
     (
       {'num_models': 2, 'learning_rates': (1e-3, 0.5), 'num_epochs': 1},
@@ -446,7 +447,7 @@ def test_an_infinite_loss_stops_the_run_like_nan():
 )
 def test_a_non_finite_loss_advises_settings_the_run_accepts(overrides, advice):
   config = short_config(**overrides)
-  learning_rates = np.array(config.learning_rates or [config.learning_rate])
+  learning_rates = np.array(config.learning_rates or [config.learning_rate] * config.num_models)
   losses = np.array([2.3, np.nan] if config.num_models > 1 else np.nan, np.float32)
   with pytest.raises(train.NonFiniteLossError, match=advice) as error:
     train._check_finite([(3, losses)], config, learning_rates)
