@@ -160,9 +160,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] % jax.device_count():
       fail(name, f'it must divide evenly over the {jax.device_count()} devices (a multiple of {jax.device_count()})')
-  if config.dataset == 'embedded_mnist' and config.get(
-    'data_dir'
-  ):  # Else a run meant for tfds data trains on the digits.
+  # Were it ignored, a run meant for tfds data would train on the embedded digits unawares.
+  if config.dataset == 'embedded_mnist' and config.get('data_dir'):
     fail(
       'data_dir',
       f'dataset embedded_mnist ships in data/ and reads none; set config.dataset to one of '
@@ -532,10 +531,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     raise ValueError(f'workdir={workdir!r} {problem}; name a directory for the run, new or one it resumes.')
   eval_split = 'validation' if config.validation_size else 'test'
   # The checks that need the splits' sizes take them from the dataset's index: no image is read before they pass.
+  # (The evaluation split's too: a tfds test split not prepared is found before the train split is read.)
   num_train = input_pipeline.split_size(config, 'train')
-  input_pipeline.split_size(
-    config, eval_split
-  )  # A tfds test split not prepared is found before the train split is read.
+  input_pipeline.split_size(config, eval_split)
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
   total_steps = config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps or steps_per_epoch
