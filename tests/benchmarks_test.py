@@ -201,12 +201,8 @@ def test_the_workload_trains_as_the_pytorch_peer_does(benchmarks_on_path):
   import workload
 
   config = workload.benchmark_config(32, 3)
-  assert (config.optimizer, config.momentum, config.learning_rate, config.schedule) == (
-    'momentum',
-    0.9,
-    0.01,
-    'constant',
-  )
+  assert (config.optimizer, config.momentum) == ('momentum', 0.9)  # SGD with momentum,
+  assert (config.learning_rate, config.schedule) == (0.01, 'constant')  # at a constant 0.01,
   assert config.random_crop_padding == 0 and config.random_flip is False  # The peer neither shifts nor mirrors,
   assert config.weight_decay == 0 and config.grad_clip_norm == 0  # nor decays or clips.
   assert (config.batch_size, config.input_shape) == (32, (32, 32, 3))
