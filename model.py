@@ -209,12 +209,16 @@ def _geometry_problem(h, w, num_convs, kernel_size, strides, padding, pool_windo
   return None
 
 
-def _check_geometry(h, w, num_convs, kernel_size, strides, padding, pool_window) -> None:
-  """Raises a ValueError naming the first stage that cannot be built, with the values that work for the whole net.
+def _check_geometry(cnn: 'CNN', h: int, w: int) -> None:
+  """Raises a ValueError naming the first of `cnn`'s stages that cannot be built on an h x w input, with the values
+  that work for the whole net.
 
   kernel_size and pool_window are shared by every conv/pool stage, so a value that fits one stage can fail a later
-  one: the valid values listed are those that fit every stage, each with the other setting as it is.
+  one: the valid values listed are those that fit every stage, each with the other setting as it is. Plain Python
+  on the settings, called outside any JAX trace where it can be, since a trace appends a note to the message.
   """
+  num_convs, kernel_size, strides = len(cnn.conv_features), cnn.kernel_size, cnn.strides
+  padding, pool_window = cnn.padding, cnn.pool_window
   problem = _geometry_problem(h, w, num_convs, kernel_size, strides, padding, pool_window)
   if problem is None:
     return
@@ -326,9 +330,7 @@ class CNN(nn.Module):
     if x.ndim != 4:
       raise ValueError(f'CNN expects images [B, H, W, C]; got an array of shape {x.shape}.')
     activation = ACTIVATIONS[self.activation]
-    _check_geometry(
-      x.shape[1], x.shape[2], len(self.conv_features), self.kernel_size, self.strides, self.padding, self.pool_window
-    )
+    _check_geometry(self, x.shape[1], x.shape[2])
     outputs = {}
     for i, features in enumerate(self.conv_features, start=1):
       conv = Conv(features, self.kernel_size, self.strides, self.padding, self.pool_window, name=f'conv{i}')
@@ -366,6 +368,7 @@ def create_model(config: ml_collections.ConfigDict) -> CNN:
       f'config.input_shape={shape!r} is not valid; it must be (height, width, channels), three Python ints >= 1.'
     )
   model = CNN(**settings)
+  _check_geometry(model, *shape[:2])  # Before _output_shapes' jax.eval_shape, whose trace would add its note.
   _output_shapes(model, shape)
   return model
 

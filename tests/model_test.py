@@ -320,12 +320,14 @@ class ValidationTest(parameterized.TestCase):
     ({'num_classes': 0}, r'config\.model\.num_classes=0 .* integer >= 1'),
   )
   def test_invalid_setting_names_itself_and_the_valid_range(self, overrides, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
       model.create_model(make_config(**overrides))
+    # Raised before any JAX trace, which would print its note on hidden frames after the message.
+    assert not getattr(error.value, '__notes__', None)
 
   @parameterized.parameters(
     ({'conv_features': 3}, r'config\.model\.conv_features=3 .* non-empty tuple of integers'),
-    ({'conv_features': '36'}, r"model\.conv_features='36' .* non-empty tuple of integers"),
+    ({'conv_features': '36'}, r"config\.model\.conv_features='36' .* non-empty tuple of integers"),
     ({'hidden_features': None}, r'config\.model\.hidden_features=None .* tuple of integers >= 1'),
   )
   def test_widths_must_be_tuples_of_integers(self, settings, message):
@@ -350,8 +352,9 @@ class ValidationTest(parameterized.TestCase):
   def test_the_pool_window_and_kernel_must_fit_both_sides(self, shape, message):
     config = make_config()
     config.input_shape = shape
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
       model.layer_shapes(config)
+    assert not getattr(error.value, '__notes__', None)
 
   @parameterized.parameters((32, 32, 1), (1, 1, 32, 32, 1))
   def test_images_must_be_a_batch(self, *shape):
