@@ -59,7 +59,7 @@ def _settings(model_config: Mapping) -> model.CNN:
   """The settings with model.CNN's defaults and validation, so both implementations accept the same configs."""
   unknown = sorted(set(model_config.keys()) - set(SETTINGS))
   if unknown:
-    raise NotImplementedError(f'reference.py does not implement model.{unknown[0]}; it knows only {SETTINGS}.')
+    raise NotImplementedError(f'reference.py does not implement config.model.{unknown[0]}; it knows only {SETTINGS}.')
   return model.CNN(**dict(model_config))
 
 

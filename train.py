@@ -4,7 +4,7 @@
 
 Re-running the same command resumes from the latest checkpoint in the workdir, exactly: the batch order
 is a function of (seed, step), so an interrupted and resumed run ends with the same parameters bit for bit.
-The workdir holds `config.json`, `checkpoints/`, `metrics.jsonl` and TensorBoard event files.
+The workdir holds, among others, `config.json`, `checkpoints/`, `metrics.jsonl` and TensorBoard event files.
 """
 
 import ctypes
@@ -93,7 +93,9 @@ def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) ->
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first invalid training setting (the model checks its own)."""
+  """Raises ValueError naming the first invalid setting, config.model and input_shape included (through
+  model.create_model). The checks that need a split's size (batch_size, validation_size, a warmup under one step,
+  epoch-mode cadences) are train_and_evaluate's."""
 
   def fail(name, valid):
     raise ValueError(f'config.{name}={config[name]!r} is not valid; {valid}.')
@@ -604,32 +606,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   writer = workdir_lib.MetricWriter(workdir, config.num_models)
   pending = []  # (step, metrics) not yet checked for NaN, logged or checkpointed.
   eval_seconds = 0.0
-  full_evaluation_seconds = []  # Each evaluation of the whole split: the ETA's estimate of those to come.
+  latest_full_evaluation_seconds = None  # The ETA's estimate of each evaluation to come: the first also compiles.
   last_log_time, last_log_step, last_log_eval_seconds = time.perf_counter(), start_step, eval_seconds
 
   def checked_evaluation(step, params, num_batches=None):
     """`evaluate` of `params`, the parameters after `step`, timed as evaluation; a NaN or Inf loss stops the run."""
-    nonlocal eval_seconds
+    nonlocal eval_seconds, latest_full_evaluation_seconds
     jax.block_until_ready(params)  # Dispatch runs ahead: count the queued training steps as training.
     eval_start = time.perf_counter()
     eval_metrics = evaluate(eval_fn, params, eval_data, config.eval_batch_size, num_batches)
     seconds = time.perf_counter() - eval_start
     eval_seconds += seconds
     if num_batches is None:
-      full_evaluation_seconds.append(seconds)
+      latest_full_evaluation_seconds = seconds
     _check_finite([(step, eval_metrics['loss'])], config, learning_rates, f'{eval_split} loss')
     return eval_metrics
 
   def log_progress(step, train_metrics, evaluates_now=False):
     """The progress line: steps/s and images/s of training alone, and an ETA of the steps left at that speed plus
-    the evaluations still to come (`evaluates_now`: one after `step` itself) at the mean time of those so far."""
+    the evaluations still to come (`evaluates_now`: one after `step` itself; the final one too) at the time the
+    latest took (none before the first)."""
     nonlocal last_log_time, last_log_step, last_log_eval_seconds
     now = time.perf_counter()
     steps = step - last_log_step
     steps_per_second = steps / (now - last_log_time - (eval_seconds - last_log_eval_seconds))
     evaluations_left = len(range((step // eval_every + 1) * eval_every, total_steps, eval_every)) + evaluates_now + 1
-    evaluation_seconds = np.mean(full_evaluation_seconds) if full_evaluation_seconds else 0.0  # None yet: unknown.
-    eta = (total_steps - step) / steps_per_second + evaluations_left * evaluation_seconds
+    eta = (total_steps - step) / steps_per_second + evaluations_left * (latest_full_evaluation_seconds or 0.0)
     logging.info(
       'step %d/%d epoch %d  train loss %s accuracy %s  %.1f steps/s %.0f images/s  ETA %.0f s%s',
       step, total_steps, -(-step // steps_per_epoch), _fmt(train_metrics['loss']),

@@ -2,12 +2,13 @@
 
     python visualize.py --workdir=runs/default [--index=0] [--model=0] [--out_dir=DIR]
 
-The config is the last one the workdir's runs saved (config.json, or the latest config_step<N>.json; else
-configs/default.py) and the parameters come from the workdir's latest checkpoint; without one, a fresh init is
-drawn and every title says so. The image is test example --index of the config's dataset. When
-<workdir>/metrics.jsonl holds rows, the learning curves are drawn too. The PNGs go to
-<workdir>/pictures/test_example_<index>[_model_<k>]/ (or, when that is there already, <folder>_2/, _3, ...),
-unless --out_dir names a new or empty directory for them.
+The config is the last one the workdir's runs saved (config.json, or the latest config_step<N>.json) and the
+parameters come from the workdir's latest checkpoint; without one, a fresh init is drawn and every title says so. An
+existing empty directory draws a fresh init of configs/default.py; one holding files but no saved config is refused,
+as are an --out_dir that holds files and a --model the workdir does not hold. The image is test example --index of
+the config's dataset. When <workdir>/metrics.jsonl holds rows, the learning curves are drawn too. The PNGs go to
+<workdir>/pictures/test_example_<index>[_model_<k>]/ (or, when that is there already, <folder>_2/, _3, ...), unless
+--out_dir names a new or empty directory for them.
 """
 
 import os

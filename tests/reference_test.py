@@ -288,7 +288,7 @@ def test_relu_slope_at_zero_is_zero_like_jax():
 def test_unknown_setting_is_not_implemented():
   config = _config()
   params, images, labels = _data(config, batch=1)
-  with pytest.raises(NotImplementedError, match='dropout_rate'):
+  with pytest.raises(NotImplementedError, match=r'does not implement config\.model\.dropout_rate'):
     reference.loss_and_grads(params, {**config.model.to_dict(), 'dropout_rate': 0.1}, images, labels)
 
 
