@@ -112,7 +112,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
   Checkpoints of another model, or whose optimiser state has another structure, are refused and left in place,
   with nothing set aside. With `set_aside_corrupt`, a latest checkpoint that cannot be read is moved to
   workdir/corrupt_checkpoints/ (never deleted) and the previous one is used; a second unreadable one stops the run,
-  since that points to a cause other than an interrupted write.
+  since that points to a cause other than an interrupted write. Running out of memory or lacking permission to read
+  is raised as it is, with nothing moved: the checkpoint may be sound.
   """
   check_compatible(manager, abstract_state)  # Before an unreadable checkpoint could be set aside.
   steps = sorted(manager.all_steps(), reverse=True)
@@ -121,9 +122,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
     try:
       _check_compatible(manager, step, abstract_state)
       return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except IncompatibleCheckpointError:
-      raise
-    except Exception as error:  # noqa: BLE001 -- any read failure means this checkpoint is unusable.
+    except (IncompatibleCheckpointError, MemoryError, PermissionError):
+      raise  # Another model's, or a process that cannot read it now: no sign the checkpoint itself is damaged.
+    except Exception as error:  # noqa: BLE001 -- any other read failure means this checkpoint is unusable.
       if not set_aside_corrupt or set_aside:
         older = sorted(s for s in steps if s < step)
         if set_aside:

@@ -376,6 +376,23 @@ def test_a_run_restarting_from_scratch_after_its_only_checkpoint_was_set_aside_m
   assert_trees_bitwise_equal(params, state.params)
 
 
+@pytest.mark.parametrize('error', [MemoryError, PermissionError])
+def test_a_checkpoint_that_fails_to_restore_for_want_of_memory_or_permission_is_not_set_aside(
+  short_run, tmp_path, monkeypatch, error
+):
+  workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
+  checkpoints = file_digests(os.path.join(workdir, 'checkpoints'))
+
+  def failing_restore(manager, step, args):
+    raise error(f'cannot restore checkpoint {step} now')
+
+  monkeypatch.setattr(workdir_lib.ocp.CheckpointManager, 'restore', failing_restore)
+  with pytest.raises(error, match='cannot restore checkpoint 124 now'):
+    train.train_and_evaluate(short_config(), workdir)
+  assert not os.path.exists(os.path.join(workdir, 'corrupt_checkpoints'))
+  assert file_digests(os.path.join(workdir, 'checkpoints')) == checkpoints  # The sound checkpoint 124 stays.
+
+
 def test_an_unreadable_checkpoint_is_set_aside_by_training_only_and_two_stop_it(tmp_path):
   config = tiny_config(checkpoint_every_steps=5)
   train.train_and_evaluate(config, str(tmp_path))  # Checkpoints 10, 15 and 16.
