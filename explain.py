@@ -498,12 +498,7 @@ def run(experiment: str, out_dir: str, num_epochs: int) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  try:  # A path that cannot be made fails now, not after training.
-    os.makedirs(flags.FLAGS.out_dir, exist_ok=True)
-  except OSError as error:
-    raise app.UsageError(
-      f'--out_dir={flags.FLAGS.out_dir} cannot be made ({error}); name a directory that can.'
-    ) from None
+  workdir_lib.make_directory(flags.FLAGS.out_dir, '--out_dir', app.UsageError)  # Now, not after training.
   train.tune_cpu_runtime()
   run(flags.FLAGS.experiment, flags.FLAGS.out_dir, flags.FLAGS.num_epochs)
 

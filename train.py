@@ -560,10 +560,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
         )
   _check_latest_checkpoint(config, workdir, steps_per_epoch)
 
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as error:
-    raise ValueError(f'workdir={workdir!r} cannot be made ({error}); name a directory that can.') from None
+  workdir_lib.make_directory(workdir, 'workdir')
   logging.info('Config:\n%s', config)
   logging.info('Model (per example):\n%s', model.summary(config))
 

@@ -197,11 +197,8 @@ def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, mod
       )
   config = load_config(workdir)
   _check_model_index(config.get('num_models', 1), model_index)
-  if out_dir is not None:
-    try:  # Now, rather than after the checkpoint is read and the example drawn.
-      os.makedirs(out_dir, exist_ok=True)
-    except OSError as error:
-      raise ValueError(f'--out_dir={out_dir} cannot be made ({error}); name a directory that can.') from None
+  if out_dir is not None:  # Now, rather than after the checkpoint is read and the example drawn.
+    workdir_lib.make_directory(out_dir, '--out_dir')
   params, source = load_params(config, workdir, model_index)
   image, label = input_pipeline.load_example(config, 'test', index)
   if out_dir is None:

@@ -92,6 +92,15 @@ def unused_path(stem: str, suffix: str = '', taken: Callable[[str], bool] = os.p
   return next(path for path in (candidate + suffix for candidate in candidates) if not taken(path))
 
 
+def make_directory(path: str, setting: str, error: type[Exception] = ValueError) -> None:
+  """os.makedirs(path), raising `error` that names the `setting` (train's workdir, a script's --out_dir) when the path
+  cannot be a directory, so that it is refused before any work rather than as an OSError after it."""
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as reason:
+    raise error(f'{setting}={path!r} cannot be made ({reason}); name a directory that can.') from None
+
+
 def check_compatible(manager: ocp.CheckpointManager, abstract_state) -> None:
   """Raises IncompatibleCheckpointError if the checkpoints hold another model or optimiser state than
   `abstract_state` (shapes and dtypes suffice). A run's checkpoints share one structure, so the newest that lists its

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import workload  # noqa: E402
 
 import train  # noqa: E402
+import workdir as workdir_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 512, 'Batch size B.', lower_bound=1)
@@ -65,10 +66,7 @@ def op_groups(hlo_text: str) -> dict[str, str]:
 
 def main(argv):
   del argv
-  try:  # Now, not after the compile and the traced steps.
-    os.makedirs(FLAGS.trace_dir, exist_ok=True)
-  except OSError as error:
-    raise app.UsageError(f'--trace_dir={FLAGS.trace_dir} cannot be a directory ({error}); name one that can.') from None
+  workdir_lib.make_directory(FLAGS.trace_dir, '--trace_dir', app.UsageError)  # Now, not after compiling and tracing.
   train.tune_cpu_runtime()
   train_epoch, compiled, _ = workload.training_epoch(
     FLAGS.batch_size, FLAGS.channels, FLAGS.steps, FLAGS.mode, FLAGS.num_models

@@ -79,7 +79,7 @@ def test_fresh_init_draws_every_layer(tmp_path):
     ('a_file', r"--out_dir='.*a_file' is not a directory; name a new or empty one"),
     ('', r"--out_dir='' is not a directory"),
     ('drawn', r'--out_dir=.*drawn already holds files; name a new or empty directory'),
-    ('a_file/pictures', r'--out_dir=.*a_file/pictures cannot be made \(.*\); name a directory that can'),
+    ('a_file/pictures', r"--out_dir='.*a_file/pictures' cannot be made \(.*\); name a directory that can"),
   ],
 )
 def test_an_out_dir_that_is_not_a_new_or_empty_directory_is_refused_before_anything_is_read(
