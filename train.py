@@ -759,8 +759,11 @@ def _fmt(value: np.ndarray) -> str:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a --config file that is not there, or a --config.<field> the config lacks, reported
   as a usage error, not a traceback."""
+  # A --flagfile's flags count as if given in its place, as absl reads them. (ml_collections has read the flag
+  # files once already, when the --config flag was defined, so they can be opened.)
+  args = [argv[0], *flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)]
   config_value = None  # The last --config given wins, as in absl, which takes -config too.
-  for before, arg in itertools.pairwise(argv[: argv.index('--')] if '--' in argv else argv):  # '--' ends the flags.
+  for before, arg in itertools.pairwise(args[: args.index('--')] if '--' in args else args):  # '--' ends the flags.
     if arg.startswith(('--config=', '-config=')):
       config_value = arg.partition('=')[2]
     elif before in ('--config', '-config'):

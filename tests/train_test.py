@@ -1101,16 +1101,21 @@ MISSING_CONFIG = f'there is no file configs/nope.py; see {REPO}/configs/.'
     # A config argument (path:argument), absl's one-dash and spaced forms, and an override, which ml_collections
     # would call an unknown flag.
     (['-config', 'configs/nope.py:arg', '--config.num_epochs=1'], f'--config=configs/nope.py:arg: {MISSING_CONFIG}'),
+    # One given in a flag file, which absl reads in place of --flagfile.
+    (['--flagfile={flagfile}'], f'--config=configs/nope.py: {MISSING_CONFIG}'),
     (['--multihost'], '--multihost could not join a cluster (coordinator_address should be defined.)'),
   ],
   ids=['process_flags_without_multihost', 'mistyped_config_field', 'missing_config_file', 'missing_config_file_spaced',
-       'multihost_alone'],
+       'missing_config_file_in_flagfile', 'multihost_alone'],
 )  # fmt: skip
 def test_bad_flags_are_refused_by_name_before_any_work(tmp_path, flags, message):
+  flagfile = tmp_path / 'flags'
+  flagfile.write_text('--config=configs/nope.py\n')
   # Without the variables by which JAX would find a SLURM, Open MPI or Kubernetes cluster to join.
   environment = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_', 'KUBERNETES_'))}
   result = subprocess.run(
-    [sys.executable, 'train.py', '--config=configs/default.py', f'--workdir={tmp_path / "run"}', *flags],
+    [sys.executable, 'train.py', '--config=configs/default.py', f'--workdir={tmp_path / "run"}',
+     *(flag.format(flagfile=flagfile) for flag in flags)],
     cwd=REPO, capture_output=True, text=True, env=environment,
   )  # fmt: skip
   assert result.returncode != 0
