@@ -70,7 +70,9 @@ def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state)
   if expected.get('step') != found.get('step'):  # A sweep's state has a leading [K] axis, its step too.
     found_models, expected_models = ((shapes.get('step') or (1,))[0] for shapes in (found, expected))
     cause = f'holds {found_models} model(s) side by side, not config.num_models={expected_models}'
-    cause += f' (set --config.num_models={found_models} to resume it)'
+    # config.learning_rates, if given, must have one entry per model (check_config): the advice says so.
+    rates = 'no config.learning_rates' if found_models == 1 else f'{found_models} config.learning_rates or none'
+    cause += f' (set --config.num_models={found_models} with {rates} to resume it)'
   elif any(name.startswith('params/') for name in differences):
     cause = 'belongs to a different model'
   else:

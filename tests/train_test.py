@@ -186,8 +186,13 @@ def wide_config():
     # Clipping adds a stage to the optimiser chain: the adam moments move to another place in its state.
     (lambda: short_config(grad_clip_norm=1.0), r'optimiser state of other settings .*:\n  opt_state/inner_state/0/'),
     (lambda: short_config(num_models=2), r'holds 1 model\(s\) side by side, not config.num_models=2 .*num_models=1 '),
+    # The advice leaves out the learning rates, which check_config would refuse for a single model.
+    (
+      lambda: short_config(num_models=3, learning_rates=(0.1, 0.2, 0.3)),
+      r'not config.num_models=3 \(set --config.num_models=1 with no config.learning_rates to resume it\)',
+    ),
   ],
-  ids=['model', 'optimiser', 'sweep'],
+  ids=['model', 'optimiser', 'sweep', 'sweep_with_learning_rates'],
 )
 @pytest.mark.parametrize('latest_readable', [True, False], ids=['latest_readable', 'latest_unreadable'])
 def test_incompatible_checkpoint_is_refused_and_kept(

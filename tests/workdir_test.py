@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -155,3 +156,28 @@ def test_metrics_resume_on_a_fresh_line_after_a_partial_one(tmp_path):
   # Read back without the partial line.
   assert workdir.read_metrics(str(tmp_path)) == [{'step': 1, 'split': 'train', 'loss': 2.3}, json.loads(lines[2])]
   assert workdir.read_metrics(str(tmp_path / 'elsewhere')) == []
+
+
+@pytest.mark.parametrize(
+  'saved_models, config_models, advice',
+  [
+    (2, 1, 'set --config.num_models=2 with 2 config.learning_rates or none to resume it'),
+    (1, 3, 'set --config.num_models=1 with no config.learning_rates to resume it'),
+  ],
+)
+def test_a_checkpoint_of_another_number_of_models_names_the_settings_that_resume_it(
+  tmp_path, saved_models, config_models, advice
+):
+  # A sweep's state, its step included, has a leading [K] axis; check_config wants one learning rate per model.
+  def state(models):
+    shape = (models,) if models > 1 else ()
+    return {'step': np.zeros(shape, np.int32), 'params': {'kernel': np.zeros((*shape, 3), np.float32)}}
+
+  with workdir.checkpoint_manager(str(tmp_path), max_to_keep=1) as manager:
+    workdir.save_checkpoint(manager, 7, state(saved_models))
+    manager.wait_until_finished()
+    with pytest.raises(workdir.IncompatibleCheckpointError) as refusal:
+      workdir.check_compatible(manager, jax.eval_shape(lambda: state(config_models)))
+  assert f'holds {saved_models} model(s) side by side, not config.num_models={config_models} ({advice})' in str(
+    refusal.value
+  )
