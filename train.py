@@ -497,10 +497,11 @@ def _check_finite(
   losses_by_step: Iterable[tuple[int, np.ndarray]],
   config: ml_collections.ConfigDict,
   learning_rates: np.ndarray,
+  steps_per_epoch: int,
   loss_name: str = 'training loss',
 ) -> None:
   """Raises NonFiniteLossError at the first (step, loss) whose loss (of any model, for a sweep's [K]) is NaN or Inf,
-  with advice in settings a run of `config` would accept."""
+  with advice in settings a run of `config` would accept (a warmup of one step or more, ending before the run)."""
   for step, loss in losses_by_step:
     losses = np.reshape(np.asarray(loss), -1)
     for k in np.flatnonzero(~np.isfinite(losses)):
@@ -511,11 +512,15 @@ def _check_finite(
         else 'a smaller --config.learning_rate'
       )
       warmup_epochs = min(1.0, config.num_epochs / 2)  # check_config wants it below num_epochs.
+      warmup = (
+        f'--config.schedule=warmup_cosine --config.warmup_epochs={warmup_epochs:g}, or '
+        if warmup_epochs * steps_per_epoch >= 1
+        else ''  # Half of a one-step run is no step of warmup: it has no room for one.
+      )
       raise NonFiniteLossError(
         f'The {loss_name}{which} became {losses[k]} at step {step}; any checkpoints before it were kept. Likely '
         f'causes: the learning rate is too high (resume with {smaller_rate}, or start a new --workdir with '
-        f'--config.schedule=warmup_cosine --config.warmup_epochs={warmup_epochs:g}, or '
-        '--config.grad_clip_norm=1.0), or the input data contain NaN/Inf.'
+        f'{warmup}--config.grad_clip_norm=1.0), or the input data contain NaN/Inf.'
       )
 
 
@@ -616,7 +621,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     eval_seconds += seconds
     if num_batches is None:
       latest_full_evaluation_seconds = seconds
-    _check_finite([(step, eval_metrics['loss'])], config, learning_rates, f'{eval_split} loss')
+    _check_finite([(step, eval_metrics['loss'])], config, learning_rates, steps_per_epoch, f'{eval_split} loss')
     return eval_metrics
 
   def log_progress(step, train_metrics, evaluates_now=False):
@@ -651,7 +656,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     evaluates = step % eval_every == 0 and not is_last
     checkpoints = step % checkpoint_every == 0 or is_last
     if logs or evaluates or checkpoints:
-      _check_finite([(s, m['loss_sum']) for s, m in pending], config, learning_rates)
+      _check_finite([(s, m['loss_sum']) for s, m in pending], config, learning_rates, steps_per_epoch)
     if logs:
       train_metrics = summarize_metrics([m for _, m in pending])
       writer.write(step, 'train', train_metrics)

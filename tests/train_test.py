@@ -449,35 +449,44 @@ def test_nan_loss_stops_the_run_before_its_parameters_are_evaluated(tmp_path):
 def test_an_infinite_loss_stops_the_run_like_nan():
   losses = [(7, np.float32(2.3)), (8, np.float32(np.inf))]
   with pytest.raises(train.NonFiniteLossError, match=r'The training loss became inf at step 8;'):
-    train._check_finite(losses, short_config(), np.array([1e-3]))
+    train._check_finite(losses, short_config(), np.array([1e-3]), steps_per_epoch=31)
   sweep = [(9, np.array([2.3, -np.inf], np.float32))]
   with pytest.raises(train.NonFiniteLossError, match=r'of model 1 \(learning rate 0\.5\) became -inf at step 9;'):
-    train._check_finite(sweep, short_config(num_models=2), np.array([1e-3, 0.5]))
+    train._check_finite(sweep, short_config(num_models=2), np.array([1e-3, 0.5]), steps_per_epoch=31)
 
 
 @pytest.mark.parametrize(
-  'overrides, advice',
+  'overrides, steps_per_epoch, advice',
   [
-    ({}, 'resume with a smaller --config.learning_rate, or .* --config.warmup_epochs=1,'),
-    ({'num_models': 2}, 'resume with a smaller --config.learning_rate, or'),  # A sweep sharing learning_rate.
+    ({}, 31, 'resume with a smaller --config.learning_rate, or .* --config.warmup_epochs=1, or'),
+    ({'num_models': 2}, 31, 'resume with a smaller --config.learning_rate, or'),  # A sweep sharing learning_rate.
     # A sweep's learning_rates override learning_rate; one epoch takes a warmup below 1.
     (
       {'num_models': 2, 'learning_rates': (1e-3, 0.5), 'num_epochs': 1},
+      31,
       'resume with a smaller learning rate for model 1 in --config.learning_rates, or .* --config.warmup_epochs=0.5,',
     ),
+    # Half of a 1-step epoch would warm up for no step: the least warmup that has one.
+    ({'num_epochs': 2}, 1, '--config.warmup_epochs=1, or'),
+    ({'num_epochs': 1}, 3, '--config.warmup_epochs=0.5, or'),
+    # A run of one step has no room for a warmup: only clipping is advised.
+    ({'num_epochs': 1}, 1, r'start a new --workdir with --config.grad_clip_norm=1\.0\), or'),
   ],
 )
-def test_a_non_finite_loss_advises_settings_the_run_accepts(overrides, advice):
+def test_a_non_finite_loss_advises_settings_the_run_accepts(overrides, steps_per_epoch, advice):
   config = short_config(**overrides)
   learning_rates = np.array(config.learning_rates or [config.learning_rate] * config.num_models)
   losses = np.array([2.3, np.nan] if config.num_models > 1 else np.nan, np.float32)
   with pytest.raises(train.NonFiniteLossError, match=advice) as error:
-    train._check_finite([(3, losses)], config, learning_rates)
+    train._check_finite([(3, losses)], config, learning_rates, steps_per_epoch)
   suggested = dict(re.findall(r'--config\.(\w+)=([\w.]+)', str(error.value)))
-  # The new run it suggests is one check_config accepts.
-  train.check_config(
-    short_config(**{**overrides, 'schedule': 'warmup_cosine', 'warmup_epochs': float(suggested['warmup_epochs'])})
-  )
+  if 'warmup_epochs' in suggested:
+    # The new run it suggests is one check_config and train_and_evaluate accept: it warms up for a step or more.
+    warmup = short_config(**overrides, schedule='warmup_cosine', warmup_epochs=float(suggested['warmup_epochs']))
+    train.check_config(warmup)
+    assert train.warmup_steps(warmup, steps_per_epoch) >= 1
+  else:
+    assert config.num_epochs * steps_per_epoch == 1
 
 
 def test_each_train_row_is_the_mean_of_the_steps_since_the_last_row(tmp_path):
