@@ -466,7 +466,7 @@ def test_an_infinite_loss_stops_the_run_like_nan():
       31,
       'resume with a smaller learning rate for model 1 in --config.learning_rates, or .* --config.warmup_epochs=0.5,',
     ),
-    # Half of a 1-step epoch would warm up for no step: the least warmup that has one.
+    # Epochs of 1 and of 3 steps: each suggested warmup is a step or more.
     ({'num_epochs': 2}, 1, '--config.warmup_epochs=1, or'),
     ({'num_epochs': 1}, 3, '--config.warmup_epochs=0.5, or'),
     # A run of one step has no room for a warmup: only clipping is advised.
