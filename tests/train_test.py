@@ -291,6 +291,43 @@ def test_progress_line_counts_training_speed_without_evaluation_and_its_eta_adds
   assert float(times[2]) >= 3000
 
 
+def test_the_progress_line_counts_every_model_and_the_evaluation_due_at_its_step(tmp_path, monkeypatch, caplog):
+  # Full evaluations take 1000 s on train.py's clock; the one-batch ones before checkpoints take no time to speak of.
+  clock = {'offset': 0.0}
+  monkeypatch.setattr(train, 'time', types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + clock['offset']))
+  evaluate = train.evaluate
+
+  def slow_full_evaluate(eval_fn, params, data, batch_size, num_batches=None):
+    clock['offset'] += 1000 if num_batches is None else 0
+    return evaluate(eval_fn, params, data, batch_size, num_batches)
+
+  monkeypatch.setattr(train, 'evaluate', slow_full_evaluate)
+  config = tiny_config(num_models=2, log_every_steps=4, eval_every_steps=4, checkpoint_every_steps=2)
+  with caplog.at_level('INFO'):
+    train.train_and_evaluate(config, str(tmp_path))
+  progress = re.findall(r'step (\d+)/16 epoch (\d+) .* ([\d.]+) steps/s (\d+) images/s  ETA (\d+) s', caplog.text)
+  assert [(int(step), int(epoch)) for step, epoch, *_ in progress] == [(4, 1), (8, 1), (12, 2), (16, 2)]
+  for _, _, steps_per_second, images_per_second, _ in progress:  # Images of both models: 2 x 500 a step.
+    assert int(images_per_second) == pytest.approx(float(steps_per_second) * 1000, rel=0.02)
+  # After step 8: its own evaluation, step 12's and the final one, at the 1000 s of step 4's (the one-batch
+  # evaluations at steps 6 and 10 are not what a full one costs).
+  assert [int(eta) // 1000 for *_, eta in progress] == [0, 3, 2, 1]
+
+
+def test_an_evaluation_split_that_cannot_be_read_is_refused_before_the_workdir_is_made(tmp_path, monkeypatch):
+  open_split = input_pipeline._open
+
+  def open_unprepared_test_split(config, split):
+    if split == 'test':
+      raise ValueError('the test split is not prepared')
+    return open_split(config, split)
+
+  monkeypatch.setattr(input_pipeline, '_open', open_unprepared_test_split)
+  with pytest.raises(ValueError, match='the test split is not prepared'):
+    train.train_and_evaluate(short_config(), str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+
+
 def test_resumed_run_takes_the_learning_rate_of_its_config(short_run, tmp_path, caplog):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
   state, _ = train.train_and_evaluate(short_config(num_epochs=3, learning_rate=1e-4), workdir)
@@ -396,6 +433,23 @@ def test_a_checkpoint_that_fails_to_restore_for_want_of_memory_or_permission_is_
     train.train_and_evaluate(short_config(), workdir)
   assert not os.path.exists(os.path.join(workdir, 'corrupt_checkpoints'))
   assert file_digests(os.path.join(workdir, 'checkpoints')) == checkpoints  # The sound checkpoint 124 stays.
+
+
+def test_a_checkpoint_that_fails_to_restore_with_an_io_error_is_unreadable(short_run, monkeypatch):
+  def failing_restore(manager, step, args):
+    raise OSError(5, 'Input/output error')
+
+  monkeypatch.setattr(workdir_lib.ocp.CheckpointManager, 'restore', failing_restore)
+  with pytest.raises(RuntimeError, match=r'checkpoint at step 124 .* cannot be read \(OSError.*Older checkpoints'):
+    train.load_params(short_config(), short_run[0])
+
+
+def test_reading_checkpoints_of_another_model_behind_an_unreadable_one_names_the_model(short_run, tmp_path):
+  # Not advice to resume from checkpoint 93, which holds another model's arrays.
+  workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
+  truncate_every_file(os.path.join(workdir, 'checkpoints', '124'))
+  with pytest.raises(workdir_lib.IncompatibleCheckpointError, match=r'step 93 .* belongs to a different model'):
+    train.load_params(wide_config(), workdir)
 
 
 def test_an_unreadable_checkpoint_is_set_aside_by_training_only_and_two_stop_it(tmp_path):
@@ -1115,12 +1169,17 @@ MISSING_CONFIG = f'there is no file configs/nope.py; see {REPO}/configs/.'
     # A config argument (path:argument), absl's one-dash and spaced forms, and an override, which ml_collections
     # would call an unknown flag.
     (['-config', 'configs/nope.py:arg', '--config.num_epochs=1'], f'--config=configs/nope.py:arg: {MISSING_CONFIG}'),
+    (['-config=configs/nope.py'], f'--config=configs/nope.py: {MISSING_CONFIG}'),
+    (['--config=configs'], '--config=configs: there is no file configs;'),  # A directory.
     # One given in a flag file, which absl reads in place of --flagfile.
     (['--flagfile={flagfile}'], f'--config=configs/nope.py: {MISSING_CONFIG}'),
+    # After '--' it is an argument, not a flag.
+    (['--', '--config=configs/nope.py'], "Unexpected arguments: ['--config=configs/nope.py']"),
     (['--multihost'], '--multihost could not join a cluster (coordinator_address should be defined.)'),
   ],
   ids=['process_flags_without_multihost', 'mistyped_config_field', 'missing_config_file', 'missing_config_file_spaced',
-       'missing_config_file_in_flagfile', 'multihost_alone'],
+       'missing_config_file_one_dash', 'config_directory', 'missing_config_file_in_flagfile', 'config_after_dashes',
+       'multihost_alone'],
 )  # fmt: skip
 def test_bad_flags_are_refused_by_name_before_any_work(tmp_path, flags, message):
   flagfile = tmp_path / 'flags'

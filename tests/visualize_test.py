@@ -212,6 +212,21 @@ def test_a_model_past_the_sweep_is_refused_before_the_test_example_is_read(tmp_p
   assert splits_read == [] and os.listdir(tmp_path) == ['config.json']  # Not even the --out_dir made.
 
 
+@pytest.mark.parametrize('model_index', [2, -1], ids=['past_the_sweep', 'negative'])
+def test_a_model_the_sweep_lacks_is_refused_by_name(tmp_path, model_index):
+  config = default.get_config()
+  config.num_models = 2
+  workdir_lib.save_config(config, str(tmp_path), 0)
+  with pytest.raises(ValueError, match=rf'--model={model_index} is not valid; the workdir holds models 0 to 1'):
+    visualize.write_pictures(str(tmp_path), out_dir=str(tmp_path / 'pictures'), model_index=model_index)
+
+
+def test_a_workdir_that_is_a_file_is_refused_by_name(tmp_path):
+  (tmp_path / 'run').write_text('not a directory')
+  with pytest.raises(ValueError, match=r'is not a directory'):
+    visualize.write_pictures(str(tmp_path / 'run'))
+
+
 def test_fresh_init_is_named_as_such(tmp_path):
   _, source = visualize.load_params(default.get_config(), str(tmp_path))
   assert source.startswith('FRESH INIT')

@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 
 import jax
 import numpy as np
@@ -181,3 +182,15 @@ def test_a_checkpoint_of_another_number_of_models_names_the_settings_that_resume
   assert f'holds {saved_models} model(s) side by side, not config.num_models={config_models} ({advice})' in str(
     refusal.value
   )
+
+
+@pytest.mark.parametrize('num_different, listed_more', [(8, None), (9, '  ... and 1 more')])
+def test_an_incompatible_checkpoint_lists_eight_differences_and_counts_the_rest(num_different, listed_more):
+  expected = {f'w{i}': jax.ShapeDtypeStruct((1,), np.float32) for i in range(num_different)}
+  found = {f'w{i}': np.zeros(2, np.float32) for i in range(num_different)}
+  manager = types.SimpleNamespace(item_metadata=lambda step: {'params': found}, directory='/run/checkpoints')
+  with pytest.raises(workdir.IncompatibleCheckpointError) as refusal:
+    workdir._check_compatible(manager, 7, {'params': expected})
+  lines = str(refusal.value).splitlines()
+  assert [line.split(':')[0] for line in lines[1:9]] == [f'  params/w{i}' for i in range(8)]
+  assert lines[9] == listed_more if listed_more else lines[9].startswith('Train this config')
