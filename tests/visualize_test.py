@@ -201,24 +201,16 @@ def test_a_run_stopped_before_its_first_metrics_row_gets_no_empty_learning_curve
   assert list(figures) == [name[3:-4] for name in LAYER_PICTURES]
 
 
-def test_a_model_past_the_sweep_is_refused_before_the_test_example_is_read(tmp_path, monkeypatch):
+@pytest.mark.parametrize('model_index', [2, -1], ids=['past_the_sweep', 'negative'])
+def test_a_model_the_sweep_lacks_is_refused_before_the_test_example_is_read(tmp_path, monkeypatch, model_index):
   config = default.get_config()
   config.num_models = 2
   workdir_lib.save_config(config, str(tmp_path), 0)
   splits_read = []
   monkeypatch.setattr(input_pipeline, 'load_example', lambda config, split, index: splits_read.append(split))
-  with pytest.raises(ValueError, match=r'--model=2 is not valid; the workdir holds models 0 to 1'):
-    visualize.write_pictures(str(tmp_path), out_dir=str(tmp_path / 'pictures'), model_index=2)
-  assert splits_read == [] and os.listdir(tmp_path) == ['config.json']  # Not even the --out_dir made.
-
-
-@pytest.mark.parametrize('model_index', [2, -1], ids=['past_the_sweep', 'negative'])
-def test_a_model_the_sweep_lacks_is_refused_by_name(tmp_path, model_index):
-  config = default.get_config()
-  config.num_models = 2
-  workdir_lib.save_config(config, str(tmp_path), 0)
   with pytest.raises(ValueError, match=rf'--model={model_index} is not valid; the workdir holds models 0 to 1'):
     visualize.write_pictures(str(tmp_path), out_dir=str(tmp_path / 'pictures'), model_index=model_index)
+  assert splits_read == [] and os.listdir(tmp_path) == ['config.json']  # Not even the --out_dir made.
 
 
 def test_a_workdir_that_is_a_file_is_refused_by_name(tmp_path):
