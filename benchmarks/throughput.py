@@ -201,6 +201,11 @@ def main(argv):
     try:
       measure(results)
       results['complete'] = True
+    except SystemError as error:
+      if not isinstance(error.__cause__, SystemExit):
+        raise
+      # The handler's exit, raised while Python code ran inside a C call (numpy's dtype check, say), which wrapped it.
+      raise error.__cause__ from None
     finally:
       if results['rows']:
         output_file.write(json.dumps(results, indent=1))  # Encoded first: a second interrupt cannot cut it short.
