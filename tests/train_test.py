@@ -261,22 +261,29 @@ def test_resuming_with_other_batches_is_refused_before_a_corrupt_checkpoint_is_s
   assert file_digests(workdir) == before
 
 
-def test_progress_line_counts_training_speed_without_evaluation_and_its_eta_adds_the_evaluations_to_come(
-  tmp_path, monkeypatch, caplog
-):
-  # Every evaluation takes 1000 s on train.py's clock; training takes its real, far shorter time.
+def train_on_a_clock_of_slow_evaluations(config, workdir, monkeypatch, caplog, full_seconds, one_batch_seconds):
+  """Trains `config` where, on train.py's clock, a full evaluation takes `full_seconds` and a one-batch one (before
+  a checkpoint) `one_batch_seconds`; training takes its real, far shorter time. Returns the log."""
   clock = {'offset': 0.0}
   monkeypatch.setattr(train, 'time', types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + clock['offset']))
   evaluate = train.evaluate
 
-  def slow_evaluate(*args, **kwargs):
-    clock['offset'] += 1000
-    return evaluate(*args, **kwargs)
+  def slow_evaluate(eval_fn, params, data, batch_size, num_batches=None):
+    clock['offset'] += full_seconds if num_batches is None else one_batch_seconds
+    return evaluate(eval_fn, params, data, batch_size, num_batches)
 
   monkeypatch.setattr(train, 'evaluate', slow_evaluate)
   with caplog.at_level('INFO'):
-    train.train_and_evaluate(tiny_config(log_every_steps=4, eval_every_steps=8), str(tmp_path))
-  progress = re.findall(r'step (\d+)/16 .* ([\d.]+) steps/s \d+ images/s  ETA (\d+) s', caplog.text)
+    train.train_and_evaluate(config, workdir)
+  return caplog.text
+
+
+def test_progress_line_counts_training_speed_without_evaluation_and_its_eta_adds_the_evaluations_to_come(
+  tmp_path, monkeypatch, caplog
+):
+  config = tiny_config(log_every_steps=4, eval_every_steps=8)
+  log = train_on_a_clock_of_slow_evaluations(config, str(tmp_path), monkeypatch, caplog, 1000, 1000)
+  progress = re.findall(r'step (\d+)/16 .* ([\d.]+) steps/s \d+ images/s  ETA (\d+) s', log)
   assert [int(step) for step, _, _ in progress] == [4, 8, 12, 16]
   # The interval 8-12 holds the evaluation after step 8, 1000 s, which its training speed leaves out.
   assert all(float(steps_per_second) > 1 for _, steps_per_second, _ in progress)
@@ -286,26 +293,16 @@ def test_progress_line_counts_training_speed_without_evaluation_and_its_eta_adds
   assert etas[0] < 1000 and etas[1] < 1000
   assert 1000 <= etas[2] < 2000 and 1000 <= etas[3] < 2000
   # Evaluations after steps 8 and 16 (one batch, before the checkpoint) and the final one.
-  times = re.search(r'train ([\d.]+) s \(with logging and checkpoints\), eval ([\d.]+) s', caplog.text)
+  times = re.search(r'train ([\d.]+) s \(with logging and checkpoints\), eval ([\d.]+) s', log)
   assert float(times[1]) < 1000
   assert float(times[2]) >= 3000
 
 
 def test_the_progress_line_counts_every_model_and_the_evaluation_due_at_its_step(tmp_path, monkeypatch, caplog):
-  # Full evaluations take 1000 s on train.py's clock; the one-batch ones before checkpoints take no time to speak of.
-  clock = {'offset': 0.0}
-  monkeypatch.setattr(train, 'time', types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + clock['offset']))
-  evaluate = train.evaluate
-
-  def slow_full_evaluate(eval_fn, params, data, batch_size, num_batches=None):
-    clock['offset'] += 1000 if num_batches is None else 0
-    return evaluate(eval_fn, params, data, batch_size, num_batches)
-
-  monkeypatch.setattr(train, 'evaluate', slow_full_evaluate)
+  # Full evaluations take 1000 s; the one-batch ones before checkpoints take no time to speak of.
   config = tiny_config(num_models=2, log_every_steps=4, eval_every_steps=4, checkpoint_every_steps=2)
-  with caplog.at_level('INFO'):
-    train.train_and_evaluate(config, str(tmp_path))
-  progress = re.findall(r'step (\d+)/16 epoch (\d+) .* ([\d.]+) steps/s (\d+) images/s  ETA (\d+) s', caplog.text)
+  log = train_on_a_clock_of_slow_evaluations(config, str(tmp_path), monkeypatch, caplog, 1000, 0)
+  progress = re.findall(r'step (\d+)/16 epoch (\d+) .* ([\d.]+) steps/s (\d+) images/s  ETA (\d+) s', log)
   assert [(int(step), int(epoch)) for step, epoch, *_ in progress] == [(4, 1), (8, 1), (12, 2), (16, 2)]
   for _, _, steps_per_second, images_per_second, _ in progress:  # Images of both models: 2 x 500 a step.
     assert int(images_per_second) == pytest.approx(float(steps_per_second) * 1000, rel=0.02)
