@@ -1,8 +1,28 @@
-"""Fixtures shared by the tests of more than one module."""
+"""Fixtures shared by the tests of more than one module, and the session's compilation cache."""
+
+import os
+import shutil
+import tempfile
 
 import pytest
 
-import input_pipeline
+# One persistent XLA compilation cache for the session, named before jax is imported so that this process and every
+# run a test starts as a subprocess share it. Most of the tests' time is compiling the same few programs again:
+# train_and_evaluate jits afresh on each run, and each subprocess starts cold. A program read from the cache is the
+# executable a fresh compile would give (its key covers the program, compile options and XLA flags), so no result
+# changes. A fresh directory, not the user's cache: the tests neither depend on nor fill one.
+_COMPILATION_CACHE_DIR = tempfile.mkdtemp(prefix='tinycnn_test_jax_cache_')
+os.environ.update(
+  JAX_COMPILATION_CACHE_DIR=_COMPILATION_CACHE_DIR,
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
+)
+
+import input_pipeline  # noqa: E402 -- after the cache is named.
+
+
+def pytest_unconfigure(config):
+  shutil.rmtree(_COMPILATION_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture
