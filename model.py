@@ -49,8 +49,8 @@ def conv_output_size(size: int, kernel_size: int, strides: int, padding: str) ->
 def _block_width(out_w: int, pool_window: int) -> int:
   """Output columns per matmul row: a whole row of a narrow map (conv2's 10), else two pooling windows (conv1's 28).
 
-  Chosen by measurement (benchmarks/conv_variants.py): wider blocks multiply more zeros of the band matrix, narrower
-  ones copy the input more often.
+  Chosen by measurement (benchmarks/README.md, *The convolution in blocks*): wider blocks multiply more zeros of the
+  band matrix, narrower ones copy the input more often.
   """
   if out_w <= 16 or out_w % (2 * pool_window):
     return out_w

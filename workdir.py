@@ -1,6 +1,6 @@
 """A run's workdir: orbax checkpoints of its TrainState, its saved config and its metrics.
 
-    workdir/config.json         the first run's config (a run with another config adds config_step<N>.json)
+    workdir/config.json         the first run's config (a run with another adds config_step<N>[_<i>].json)
     workdir/checkpoints/<step>  orbax checkpoints, the newest config.max_checkpoints_to_keep
     workdir/metrics.jsonl       {"step", "split", "loss", "accuracy"} per line (and "model" in a sweep)
     workdir/events.out.*        the same scalars for TensorBoard (workdir/model_<k>/ per model of a sweep)
