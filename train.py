@@ -315,17 +315,19 @@ def training_functions(
   return TrainingFunctions(epoch_order, step, train_epoch)
 
 
+def evaluation_batch_size(num_examples: int, batch_size: int) -> int:
+  """`batch_size` (a multiple of the device count), but no larger than `num_examples` rounded up to one: padding a
+  1,000-example split to a batch of 100,000 would cost 100x the compute, for the same metrics."""
+  num_devices = jax.device_count()
+  return min(batch_size, -(-num_examples // num_devices) * num_devices)
+
+
 def evaluate(
   eval_fn, params: dict, data: dict, batch_size: int, num_batches: int | None = None
 ) -> dict[str, np.ndarray]:
   """Exact loss and accuracy over every example of `data` ([K] arrays for a sweep of K models), or of its first
-  `num_batches` batches.
-
-  Batches of `batch_size` (a multiple of the device count), but no larger than the split rounded up to one: padding
-  a 1,000-example split to a batch of 100,000 would cost 100x the compute, for the same metrics.
-  """
-  num_devices = jax.device_count()
-  batch_size = min(batch_size, -(-len(data['label']) // num_devices) * num_devices)
+  `num_batches` batches, in batches of `evaluation_batch_size`."""
+  batch_size = evaluation_batch_size(len(data['label']), batch_size)
   batches = itertools.islice(input_pipeline.eval_batches(data, batch_size), num_batches)
   return summarize_metrics([eval_fn(params, batch) for batch in batches])
 
@@ -587,7 +589,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   eval_on_batch = functools.partial(eval_step, apply_fn=state.apply_fn)
   if sweep:
     eval_on_batch = jax.vmap(eval_on_batch, in_axes=(0, None))
-  eval_fn = jit_with_xla_options(
+  jitted_eval = jit_with_xla_options(
     lambda params, batch: eval_on_batch(params, jax.lax.with_sharding_constraint(batch, batch_sharding))
   )
   # Placed as the compiled step takes it, rather than on one device and moved at every step.
@@ -603,12 +605,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
       keys, indices = epoch_order(start_step // steps_per_epoch)
       jitted_step = jit_with_xla_options(functions.train_step, donate_argnums=0)
       compiled_step = jitted_step.lower(state, train_data, indices, keys, 0).compile()
+  # The evaluation's program too: an evaluation is then timed running, not compiling, and the ETA estimates each
+  # evaluation to come by the latest one's time.
+  eval_batch = next(
+    input_pipeline.eval_batches(eval_data, evaluation_batch_size(len(eval_data['label']), config.eval_batch_size))
+  )
+  eval_fn = jitted_eval.lower(state.params, eval_batch).compile()
   compile_seconds = time.perf_counter() - compile_start
 
   writer = workdir_lib.MetricWriter(workdir, config.num_models)
   pending = []  # (step, metrics) not yet checked for NaN, logged or checkpointed.
   eval_seconds = 0.0
-  latest_full_evaluation_seconds = None  # The ETA's estimate of each evaluation to come: the first also compiles.
+  latest_full_evaluation_seconds = None  # The ETA's estimate of each evaluation to come.
   last_log_time, last_log_step, last_log_eval_seconds = time.perf_counter(), start_step, eval_seconds
 
   def checked_evaluation(step, params, num_batches=None):

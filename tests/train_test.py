@@ -129,17 +129,25 @@ def test_checkpoints_and_config_are_saved(short_run):
   assert_trees_bitwise_equal(params, state.params)
 
 
-def test_finished_run_is_not_retrained(short_run, caplog):
+def test_finished_run_is_not_retrained(short_run, caplog, monkeypatch):
   workdir, state, metrics = short_run
   before = file_digests(os.path.join(workdir, 'checkpoints'))
   listing = sorted(os.listdir(workdir))
   rows = workdir_lib.read_metrics(workdir)
+  jit, jitted = train.jit_with_xla_options, []
+  monkeypatch.setattr(
+    train, 'jit_with_xla_options', lambda fun, **kwargs: jitted.append(fun.__name__) or jit(fun, **kwargs)
+  )
+  evaluate, evaluated_by = train.evaluate, []
+  monkeypatch.setattr(train, 'evaluate', lambda fn, *args: evaluated_by.append(fn) or evaluate(fn, *args))
   with caplog.at_level('INFO'):
     again, again_metrics = train.train_and_evaluate(short_config(), workdir)
   assert 'learning-rate schedule' not in caplog.text
-  # Nothing is left to train, so nothing is compiled; the setup (reading the data and the checkpoint) takes time.
+  assert jitted == ['<lambda>']  # Nothing is left to train: only the evaluation is compiled, ...
+  assert [type(fn) for fn in evaluated_by] == [jax.stages.Compiled]  # ... before its time is counted.
+  # The setup (reading the data and the checkpoint) takes time.
   setup = re.search(
-    r'Time: setup ([\d.]+) s \(data, initial state, checkpoint\), compile 0\.0 s, train 0\.0 s', caplog.text
+    r'Time: setup ([\d.]+) s \(data, initial state, checkpoint\), compile [\d.]+ s, train 0\.0 s', caplog.text
   )
   assert float(setup[1]) > 0
   assert file_digests(os.path.join(workdir, 'checkpoints')) == before
