@@ -7,7 +7,7 @@ import tempfile
 import pytest
 
 # One persistent XLA compilation cache for the session, named before jax is imported so that this process and every
-# run a test starts as a subprocess share it. Most of the tests' time is compiling the same few programs again:
+# run a test starts as a subprocess share it. Much of the tests' time went to compiling the same programs again:
 # train_and_evaluate jits afresh on each run, and each subprocess starts cold. A program read from the cache is the
 # executable a fresh compile would give (its key covers the program, compile options and XLA flags), so no result
 # changes. A fresh directory, not the user's cache: the tests neither depend on nor fill one.
