@@ -25,6 +25,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import input_pipeline
 import model
+import reference
 import train
 import workdir as workdir_lib
 from configs import default, wide
@@ -628,6 +629,10 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'seed': 2**32 - 2, 'num_models': 3}, r'config\.seed=4294967294 .* = 4294967293 \(model k .* seed \+ k\)'),
     ({'seed': None}, r'config\.seed=None .* integer'),
     ({'random_crop_padding': 32}, r'config\.random_crop_padding=32 .* below the 32-pixel side of the images'),
+    (
+      {'random_crop_padding': -1},
+      r'config\.random_crop_padding=-1 .* integer >= 0, the most pixels',
+    ),  # Else JAX's own error, later.
     ({'random_flip': None}, r'config\.random_flip=None is not valid; it must be True or False'),
     ({'validation_size': None}, r'config\.validation_size=None is not valid; it must be an integer >= 0'),
     ({'validation_size': -1}, r'config\.validation_size=-1 is not valid; it must be an integer >= 0'),
@@ -777,6 +782,23 @@ def test_optimizers_follow_their_update_rules(optimizer, weight_decay, grad_clip
     optimizer, [1.0, -2.0, 3.0], grads, 0.1, config.momentum, weight_decay, grad_clip_norm
   )
   np.testing.assert_allclose(params['w'], expected, rtol=1e-5)
+
+
+def test_a_train_step_moves_the_parameters_down_the_reference_gradient_of_the_batch_mean_loss():
+  """One SGD step on 32 real digits against reference.py, the network written out in float64 NumPy."""
+  config = short_config(optimizer='sgd', schedule='constant', learning_rate=0.1)
+  state = train.create_train_state(config, jax.random.key(0), steps_per_epoch=62)
+  digits = input_pipeline.load_split(config, 'train')
+  batch = {'image': digits['image'][:32], 'label': digits['label'][:32]}
+  loss, grads = reference.loss_and_grads(state.params, config.model, batch['image'], batch['label'])
+  stepped, metrics = jax.jit(train.train_step)(state, batch)
+  expected = jax.tree.map(lambda p, g: np.asarray(p, np.float64) - 0.1 * g, state.params, grads)
+  # A float32 parameter of size 0.5 is exact to 3e-8; the same step on the batch's summed loss would be 32x as long.
+  jax.tree.map(lambda p, e: np.testing.assert_allclose(p, e, rtol=1e-5, atol=1e-7), stepped.params, expected)
+  logits, _ = reference.forward(state.params, config.model, batch['image'])
+  assert float(metrics['loss_sum']) == pytest.approx(32 * loss, rel=1e-5)
+  assert int(metrics['correct']) == int(np.sum(logits.argmax(-1) == batch['label']))
+  assert int(metrics['count']) == 32
 
 
 def test_learning_rate_schedules():
@@ -1028,7 +1050,7 @@ import json, pickle, sys
 import jax
 import train
 sys.path.insert(0, 'tests')
-from train_test import params_after_each_step
+from train_test import params_after_each_step, train_step_flops_per_device
 from configs import default
 train.tune_cpu_runtime()  # As train.py's main does: steps over the 8 devices run on the calling thread.
 config = default.get_config()
@@ -1043,9 +1065,22 @@ for name in ('batch_size', 'eval_batch_size'):
 state, _ = train.train_and_evaluate(config, sys.argv[1])
 with open(sys.argv[3], 'wb') as f:
   pickle.dump(list(params_after_each_step(config)), f)
-print(train.device_mesh().shape['batch'], 'batch shards;', len(state.params['fc1']['kernel'].sharding.device_set),
-      'devices hold the parameters')
+print(len(state.params['fc1']['kernel'].sharding.device_set), 'devices hold the parameters;',
+      train_step_flops_per_device(config), 'FLOPs per device in a step')
 """
+
+
+def train_step_flops_per_device(config):
+  """XLA's count of the floating-point operations one device runs in the compiled training step of `config`."""
+  mesh = train.device_mesh()
+  num_train = input_pipeline.split_size(config, 'train')
+  functions = train.training_functions(config, num_train, NamedSharding(mesh, PartitionSpec('batch')))
+  data = train.place_replicated(input_pipeline.load_split(config, 'train'), mesh)
+  steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
+  state = train.place_replicated(train.create_initial_state(config, steps_per_epoch), mesh)
+  keys, indices = jax.jit(functions.epoch_order, out_shardings=NamedSharding(mesh, PartitionSpec()))(0)
+  compiled = train.jit_with_xla_options(functions.train_step).lower(state, data, indices, keys, 0).compile()
+  return compiled.cost_analysis()['flops']
 
 
 def test_data_parallel_over_8_devices_matches_one_device(short_run, tmp_path):
@@ -1058,7 +1093,14 @@ def test_data_parallel_over_8_devices_matches_one_device(short_run, tmp_path):
   assert result.returncode == 0, result.stderr
   for name in ('batch_size', 'eval_batch_size'):
     assert f'config.{name}=60 is not valid; it must divide evenly over the 8 devices' in result.stdout
-  assert result.stdout.strip().endswith('8 batch shards; 8 devices hold the parameters')
+  last_line = result.stdout.strip().splitlines()[-1]
+  devices, flops = re.fullmatch(
+    r'(\d+) devices hold the parameters; ([\d.]+) FLOPs per device in a step', last_line
+  ).groups()
+  assert int(devices) == 8
+  # Each device runs its eighth of the batch (the optimiser's update, on the replicated parameters, is the rest),
+  # rather than all of it with the same parameters as the result.
+  assert train_step_flops_per_device(short_config()) / float(flops) > 7
   with open(steps_file, 'rb') as f:
     for eight_devices, one_device in zip(pickle.load(f), params_after_each_step(short_config()), strict=True):
       assert_trees_close(eight_devices, one_device, atol=1e-6)
