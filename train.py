@@ -277,12 +277,14 @@ class TrainingFunctions(NamedTuple):
   epoch_order: Callable  # epoch -> (augmentation keys, indices [S, B]), with a leading [K] for a sweep.
   train_step: Callable  # (state, data, indices, keys, step) -> (state, metrics): one step on batch `step`.
   train_epoch: Callable  # (state, data, epoch) -> (state, metrics [S], or [S, K] for a sweep): one lax.scan.
+  eval_step: Callable  # (params, padded batch) -> metric sums, per model for a sweep.
 
 
 def training_functions(
   config: ml_collections.ConfigDict, num_examples: int, batch_sharding: NamedSharding, fill: np.ndarray | None = None
 ) -> TrainingFunctions:
-  """Per-step and whole-epoch training on a split of `num_examples` held on the device, vmapped for a sweep.
+  """Per-step and whole-epoch training on a split of `num_examples` held on the device, and evaluation of a batch,
+  vmapped for a sweep.
 
   Random shifts fill what they uncover with `fill` [C], a black pixel normalised: by default config.dataset's
   (`input_pipeline.black`); data normalised otherwise passes its own.
@@ -312,7 +314,14 @@ def training_functions(
     steps = jnp.arange(input_pipeline.steps_per_epoch(num_examples, config.batch_size))
     return jax.lax.scan(lambda state, i: step(state, data, indices, keys, i), state, steps)
 
-  return TrainingFunctions(epoch_order, step, train_epoch)
+  evaluate_batch = functools.partial(eval_step, apply_fn=model.create_model(config).apply)
+  if sweep:
+    evaluate_batch = jax.vmap(evaluate_batch, in_axes=(0, None))
+
+  def eval_step_on_batch(params, batch):
+    return evaluate_batch(params, jax.lax.with_sharding_constraint(batch, batch_sharding))
+
+  return TrainingFunctions(epoch_order, step, train_epoch, eval_step_on_batch)
 
 
 def evaluation_batch_size(num_examples: int, batch_size: int) -> int:
@@ -586,12 +595,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   learning_rates = np.asarray(jax.device_get(state.opt_state.hyperparams['learning_rate'])).reshape(-1)
 
   functions = training_functions(config, num_train, batch_sharding)
-  eval_on_batch = functools.partial(eval_step, apply_fn=state.apply_fn)
-  if sweep:
-    eval_on_batch = jax.vmap(eval_on_batch, in_axes=(0, None))
-  jitted_eval = jit_with_xla_options(
-    lambda params, batch: eval_on_batch(params, jax.lax.with_sharding_constraint(batch, batch_sharding))
-  )
+  jitted_eval = jit_with_xla_options(functions.eval_step)
   # Placed as the compiled step takes it, rather than on one device and moved at every step.
   epoch_order = jax.jit(functions.epoch_order, out_shardings=replicated)
   compile_start = time.perf_counter()

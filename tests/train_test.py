@@ -144,7 +144,7 @@ def test_finished_run_is_not_retrained(short_run, caplog, monkeypatch):
   with caplog.at_level('INFO'):
     again, again_metrics = train.train_and_evaluate(short_config(), workdir)
   assert 'learning-rate schedule' not in caplog.text
-  assert jitted == ['<lambda>']  # Nothing is left to train: only the evaluation is compiled, ...
+  assert jitted == ['eval_step_on_batch']  # Nothing is left to train: only the evaluation is compiled, ...
   assert [type(fn) for fn in evaluated_by] == [jax.stages.Compiled]  # ... before its time is counted.
   # The setup (reading the data and the checkpoint) takes time.
   setup = re.search(
@@ -1050,7 +1050,7 @@ import json, pickle, sys
 import jax
 import train
 sys.path.insert(0, 'tests')
-from train_test import params_after_each_step, train_step_flops_per_device
+from train_test import flops_per_device, params_after_each_step
 from configs import default
 train.tune_cpu_runtime()  # As train.py's main does: steps over the 8 devices run on the calling thread.
 config = default.get_config()
@@ -1066,12 +1066,13 @@ state, _ = train.train_and_evaluate(config, sys.argv[1])
 with open(sys.argv[3], 'wb') as f:
   pickle.dump(list(params_after_each_step(config)), f)
 print(len(state.params['fc1']['kernel'].sharding.device_set), 'devices hold the parameters;',
-      train_step_flops_per_device(config), 'FLOPs per device in a step')
+      *flops_per_device(config), 'FLOPs per device in a training step and an evaluation batch')
 """
 
 
-def train_step_flops_per_device(config):
-  """XLA's count of the floating-point operations one device runs in the compiled training step of `config`."""
+def flops_per_device(config):
+  """XLA's counts of the floating-point operations one device runs in the compiled training step of `config` and in
+  its evaluation of a batch."""
   mesh = train.device_mesh()
   num_train = input_pipeline.split_size(config, 'train')
   functions = train.training_functions(config, num_train, NamedSharding(mesh, PartitionSpec('batch')))
@@ -1079,8 +1080,12 @@ def train_step_flops_per_device(config):
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
   state = train.place_replicated(train.create_initial_state(config, steps_per_epoch), mesh)
   keys, indices = jax.jit(functions.epoch_order, out_shardings=NamedSharding(mesh, PartitionSpec()))(0)
-  compiled = train.jit_with_xla_options(functions.train_step).lower(state, data, indices, keys, 0).compile()
-  return compiled.cost_analysis()['flops']
+  step = train.jit_with_xla_options(functions.train_step).lower(state, data, indices, keys, 0).compile()
+  eval_data = input_pipeline.load_split(config, 'test')
+  batch_size = train.evaluation_batch_size(len(eval_data['label']), config.eval_batch_size)
+  eval_batch = train.place_replicated(next(input_pipeline.eval_batches(eval_data, batch_size)), mesh)
+  evaluation = train.jit_with_xla_options(functions.eval_step).lower(state.params, eval_batch).compile()
+  return step.cost_analysis()['flops'], evaluation.cost_analysis()['flops']
 
 
 def test_data_parallel_over_8_devices_matches_one_device(short_run, tmp_path):
@@ -1094,13 +1099,16 @@ def test_data_parallel_over_8_devices_matches_one_device(short_run, tmp_path):
   for name in ('batch_size', 'eval_batch_size'):
     assert f'config.{name}=60 is not valid; it must divide evenly over the 8 devices' in result.stdout
   last_line = result.stdout.strip().splitlines()[-1]
-  devices, flops = re.fullmatch(
-    r'(\d+) devices hold the parameters; ([\d.]+) FLOPs per device in a step', last_line
+  devices, *flops = re.fullmatch(
+    r'(\d+) devices hold the parameters; ([\d.]+) ([\d.]+) FLOPs per device in a training step and an evaluation '
+    'batch',
+    last_line,
   ).groups()
   assert int(devices) == 8
-  # Each device runs its eighth of the batch (the optimiser's update, on the replicated parameters, is the rest),
-  # rather than all of it with the same parameters as the result.
-  assert train_step_flops_per_device(short_config()) / float(flops) > 7
+  # Each device runs its eighth of a batch (the optimiser's update, on the replicated parameters, is most of the
+  # rest), rather than all of it with the same results.
+  for one_device, eight_devices in zip(flops_per_device(short_config()), flops, strict=True):
+    assert one_device / float(eight_devices) > 7
   with open(steps_file, 'rb') as f:
     for eight_devices, one_device in zip(pickle.load(f), params_after_each_step(short_config()), strict=True):
       assert_trees_close(eight_devices, one_device, atol=1e-6)
