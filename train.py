@@ -8,6 +8,7 @@ The workdir holds, among others, `config.json`, `checkpoints/`, `metrics.jsonl` 
 """
 
 import ctypes
+import difflib
 import functools
 import itertools
 import math
@@ -32,6 +33,7 @@ from ml_collections import config_flags
 import input_pipeline
 import model
 import workdir as workdir_lib
+from configs import default
 
 OPTIMIZERS = ('sgd', 'momentum', 'adam', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'warmup_cosine')
@@ -94,8 +96,22 @@ def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) ->
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first invalid setting, config.model and input_shape included (through
-  model.create_model). The checks that need a split's size (batch_size, validation_size, a warmup under one step,
-  epoch-mode cadences) are train_and_evaluate's."""
+  model.create_model), or a setting configs/default.py does not have or that `config` lacks. The checks that need a
+  split's size (batch_size, validation_size, a warmup under one step, epoch-mode cadences) are train_and_evaluate's."""
+  # A config file's misspelt setting would otherwise pass unread, and its run train with the default value.
+  settings = sorted(default.get_config().keys())
+  unknown, missing = sorted(set(config.keys()) - set(settings)), sorted(set(settings) - set(config.keys()))
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], settings, n=1)
+    raise ValueError(
+      f'config has no setting {unknown[0]}{f" (did you mean {close[0]}?)" if close else ""}; the settings are '
+      f"configs/default.py's: {settings}."
+    )
+  if missing:
+    raise ValueError(
+      f'config.{missing[0]} is missing; a config needs every setting of configs/default.py, so build it from '
+      'default.get_config() (as configs/*.py do) and change what differs.'
+    )
 
   def fail(name, valid):
     raise ValueError(f'config.{name}={config[name]!r} is not valid; {valid}.')

@@ -629,10 +629,10 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'seed': 2**32 - 2, 'num_models': 3}, r'config\.seed=4294967294 .* = 4294967293 \(model k .* seed \+ k\)'),
     ({'seed': None}, r'config\.seed=None .* integer'),
     ({'random_crop_padding': 32}, r'config\.random_crop_padding=32 .* below the 32-pixel side of the images'),
-    (
-      {'random_crop_padding': -1},
-      r'config\.random_crop_padding=-1 .* integer >= 0, the most pixels',
-    ),  # Else JAX's own error, later.
+    # Else JAX's own error, after the data are read.
+    ({'random_crop_padding': -1}, r'config\.random_crop_padding=-1 .* integer >= 0, the most pixels'),
+    # A config file's misspelt setting: else the run would train with the default value.
+    ({'num_epoch': 1}, r'config has no setting num_epoch \(did you mean num_epochs\?\); the settings are'),
     ({'random_flip': None}, r'config\.random_flip=None is not valid; it must be True or False'),
     ({'validation_size': None}, r'config\.validation_size=None is not valid; it must be an integer >= 0'),
     ({'validation_size': -1}, r'config\.validation_size=-1 is not valid; it must be an integer >= 0'),
@@ -651,6 +651,15 @@ def test_invalid_training_setting_is_named(overrides, message, tmp_path, image_r
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(short_config(**overrides), str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')  # Refused before any work: not even the workdir is made.
+  assert image_reads == []
+
+
+def test_a_config_that_lacks_a_setting_is_refused_by_name(tmp_path, image_reads):
+  config = short_config()
+  del config['validation_size']  # A config file written from scratch, say.
+  with pytest.raises(ValueError, match=r'config\.validation_size is missing; .* build it from default\.get_config\(\)'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
   assert image_reads == []
 
 
