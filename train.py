@@ -563,6 +563,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   if not workdir or (os.path.exists(workdir) and not os.path.isdir(workdir)):
     problem = 'is not a directory' if workdir else 'is empty'
     raise ValueError(f'workdir={workdir!r} {problem}; name a directory for the run, new or one it resumes.')
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  if os.path.lexists(checkpoints) and not os.path.isdir(checkpoints):
+    raise ValueError(
+      f'{checkpoints} is not a directory, and the run keeps its checkpoints there; move it, or name another workdir.'
+    )
   eval_split = 'validation' if config.validation_size else 'test'
   # The checks that need the splits' sizes take them from the dataset's index: no image is read before they pass.
   # (The evaluation split's too: a tfds test split not prepared is found before the train split is read.)
@@ -728,9 +733,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
       writer.write(total_steps, eval_split, eval_metrics)
     logging.info('Final %s loss %s accuracy %s', eval_split, _fmt(eval_metrics['loss']), _fmt(eval_metrics['accuracy']))
   finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+    try:
+      manager.wait_until_finished()  # Raises what a background save met.
+    finally:  # Even so: the process would wait at exit for the threads of a manager or writer left open.
+      writer.close()
+      manager.close()
   logging.info(
     'Time: setup %.1f s (data, initial state, checkpoint), compile %.1f s, train %.1f s (with logging and '
     'checkpoints), eval %.1f s.',

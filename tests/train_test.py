@@ -673,6 +673,37 @@ def test_a_workdir_that_cannot_be_a_directory_is_refused_before_any_image_is_rea
   assert image_reads == []
 
 
+def test_a_workdir_whose_checkpoints_is_a_file_is_refused_and_the_file_kept(tmp_path, image_reads):
+  (tmp_path / 'checkpoints').write_text('a note')  # Orbax would fail to save in it, at the end of the first epoch.
+  with pytest.raises(ValueError, match=r'checkpoints is not a directory, and the run keeps its checkpoints there'):
+    train.train_and_evaluate(short_config(), str(tmp_path))
+  assert os.listdir(tmp_path) == ['checkpoints']
+  assert (tmp_path / 'checkpoints').read_text() == 'a note'
+  assert image_reads == []
+
+
+def test_a_checkpoint_that_fails_to_save_stops_the_run_with_its_writer_and_manager_closed(tmp_path, monkeypatch):
+  closed = []
+  for cls in (workdir_lib.ocp.CheckpointManager, workdir_lib.MetricWriter):
+    monkeypatch.setattr(cls, 'close', lambda self, close=cls.close: closed.append(type(self).__name__) or close(self))
+  save = workdir_lib.save_checkpoint
+
+  def save_that_fails_in_the_background(manager, step, state):
+    save(manager, step, state)
+
+    def wait_until_finished():  # As orbax raises a background save's error: at the next wait, once.
+      del manager.wait_until_finished
+      raise OSError(28, 'No space left on device')
+
+    manager.wait_until_finished = wait_until_finished
+
+  monkeypatch.setattr(workdir_lib, 'save_checkpoint', save_that_fails_in_the_background)
+  with pytest.raises(OSError, match='No space left on device'):
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+  # Left open, their threads would keep the process from exiting.
+  assert closed[-2:] == ['MetricWriter', 'CheckpointManager']
+
+
 def test_a_workdir_that_cannot_be_made_is_refused_before_any_image_is_read(tmp_path, image_reads):
   (tmp_path / 'a_file').write_text('a note')
   workdir = str(tmp_path / 'a_file' / 'run')  # Inside a file.
