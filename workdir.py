@@ -122,9 +122,10 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
 
   Checkpoints of another model, or whose optimiser state has another structure, are refused and left in place,
   with nothing set aside. With `set_aside_corrupt`, a latest checkpoint that cannot be read is moved to
-  workdir/corrupt_checkpoints/ (never deleted) and the previous one is used; a second unreadable one stops the run,
-  since that points to a cause other than an interrupted write. Running out of memory or lacking permission to read
-  is raised as it is, with nothing moved: the checkpoint may be sound.
+  workdir/corrupt_checkpoints/ (never deleted) and the previous one is used (with none, the run starts again from
+  step 0); a second unreadable one stops the run, since that points to a cause other than an interrupted write.
+  Running out of memory or lacking permission to read is raised as it is, with nothing moved: the checkpoint may be
+  sound.
   """
   check_compatible(manager, abstract_state)  # Before an unreadable checkpoint could be set aside.
   steps = sorted(manager.all_steps(), reverse=True)
@@ -136,26 +137,34 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
     except (IncompatibleCheckpointError, MemoryError, PermissionError):
       raise  # Another model's, or a process that cannot read it now: no sign the checkpoint itself is damaged.
     except Exception as error:  # noqa: BLE001 -- any other read failure means this checkpoint is unusable.
+      older = sorted(s for s in steps if s < step)
+      # The whole error is chained below; its first line says enough beside the advice (TensorStore's run on).
+      cause = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'[:300]
       if not set_aside_corrupt or set_aside:
-        older = sorted(s for s in steps if s < step)
+        untried = f' Older checkpoints, not tried: {older}.' if older else ' There is no older checkpoint.'
         if set_aside:
-          advice = f' Checkpoint {set_aside[0]} was unreadable too and is in {workdir}/corrupt_checkpoints.'
+          advice = (
+            f' Checkpoint {set_aside[0]} was unreadable too and is in {workdir}/corrupt_checkpoints: two in a row '
+            f'point to a cause other than an interrupted write (a full disk, say), to mend first.{untried}'
+          )
+          if older:
+            advice += f' Then move checkpoint {step} there too, and train.py resumes from checkpoint {older[-1]}.'
         elif older:  # Reading a workdir moves nothing: say how training would recover.
           advice = (
-            f' Older checkpoints, not tried: {older}. train.py on this workdir would move this one to '
-            f'corrupt_checkpoints/ and resume from checkpoint {older[-1]}, if that one reads.'
+            f'{untried} train.py on this workdir would move this one to corrupt_checkpoints/ and resume from '
+            f'checkpoint {older[-1]}, if that one reads.'
           )
         else:
-          advice = ' There is no older checkpoint.'
+          advice = untried
         raise RuntimeError(
-          f'The checkpoint at step {step} in {manager.directory} cannot be read ({type(error).__name__}: {error}).'
-          + advice
+          f'The checkpoint at step {step} in {manager.directory} cannot be read ({cause}).' + advice
         ) from error
       # The same step may have been set aside before, by a run that then made it again.
       quarantine = unused_path(os.path.join(workdir, 'corrupt_checkpoints', str(step)))
       logging.error(
-        'Checkpoint %d cannot be read (%s: %s); moving it to %s and resuming from the one before.',
-        step, type(error).__name__, error, quarantine,
+        'Checkpoint %d cannot be read (%s); moving it to %s and %s.',
+        step, cause, quarantine,
+        f'resuming from checkpoint {older[-1]}' if older else 'starting again from step 0: there is no older one',
       )  # fmt: skip
       if jax.process_index() == 0:  # The workdir is shared by all hosts: one moves, the others wait for it.
         os.makedirs(os.path.dirname(quarantine), exist_ok=True)

@@ -376,12 +376,18 @@ def truncate_every_file(checkpoint):
   [truncate_every_file, lambda checkpoint: os.remove(os.path.join(checkpoint, 'default', '_METADATA'))],
   ids=['truncated', 'metadata_removed'],  # Orbax reads the second as an empty tree, which is not another model.
 )
-def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run, tmp_path, corrupt):
+def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run, tmp_path, corrupt, caplog):
   workdir, state, _ = short_run
   workdir = shutil.copytree(workdir, str(tmp_path / 'run'))
   corrupt(os.path.join(workdir, 'checkpoints', '124'))
   rows_before = len(workdir_lib.read_metrics(workdir))
-  resumed, _ = train.train_and_evaluate(short_config(), workdir)
+  with caplog.at_level('ERROR'):
+    resumed, _ = train.train_and_evaluate(short_config(), workdir)
+  assert re.search(
+    r'Checkpoint 124 cannot be read .*; moving it to .*corrupt_checkpoints/124 and resuming from '
+    r'checkpoint 93\.',
+    caplog.text,
+  )
   assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', '124'))  # Moved, not deleted.
   assert train_steps_logged(workdir, after_row=rows_before) == [100, 120, 124]  # Resumed at 93, not from scratch.
   assert_trees_bitwise_equal(resumed.params, state.params)  # Steps 94..124 were retrained exactly.
@@ -401,7 +407,9 @@ def test_a_run_resumed_before_a_corrupt_checkpoint_records_its_config_and_checkp
   assert sorted(os.listdir(tmp_path / 'corrupt_checkpoints')) == ['16', '16_2']
 
 
-def test_a_run_restarting_from_scratch_after_its_only_checkpoint_was_set_aside_moves_the_later_config_aside(tmp_path):
+def test_a_run_restarting_from_scratch_after_its_only_checkpoint_was_set_aside_moves_the_later_config_aside(
+  tmp_path, caplog
+):
   train.train_and_evaluate(tiny_config(num_epochs=1, max_checkpoints_to_keep=1), str(tmp_path))  # Checkpoint 8.
   # Resumed at 8 with another learning rate (config_step8.json): checkpoint 16 replaces 8.
   resumed = tiny_config(max_checkpoints_to_keep=1, learning_rate=1e-3)
@@ -411,7 +419,9 @@ def test_a_run_restarting_from_scratch_after_its_only_checkpoint_was_set_aside_m
     RuntimeError, match=r'checkpoint at step 16 .* cannot be read .*\. There is no older checkpoint\.'
   ):
     train.load_params(resumed, str(tmp_path))
-  state, _ = train.train_and_evaluate(resumed, str(tmp_path))  # 16 set aside, none left: a new run from 0.
+  with caplog.at_level('ERROR'):
+    state, _ = train.train_and_evaluate(resumed, str(tmp_path))  # 16 set aside, none left: a new run from 0.
+  assert 'corrupt_checkpoints/16 and starting again from step 0: there is no older one.' in caplog.text
   assert os.listdir(tmp_path / 'corrupt_checkpoints') == ['16']
   assert os.listdir(tmp_path / 'superseded_configs') == ['config_step8.json']
   assert workdir_lib.load_config(str(tmp_path), 16).learning_rate == 1e-3  # This run's, saved as config_step0.json.
@@ -470,7 +480,11 @@ def test_an_unreadable_checkpoint_is_set_aside_by_training_only_and_two_stop_it(
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10', '15', '16']
   assert not os.path.exists(tmp_path / 'corrupt_checkpoints')
   truncate_every_file(str(tmp_path / 'checkpoints' / '15'))
-  with pytest.raises(RuntimeError, match=r'checkpoint at step 15 .* Checkpoint 16 was unreadable too'):
+  message = (
+    r'checkpoint at step 15 .* cannot be read \([A-Za-z]+: [^\n]*\)\. Checkpoint 16 was unreadable too .* Older '
+    r'checkpoints, not tried: \[10\]\. Then move checkpoint 15 there too, and train.py resumes from checkpoint 10\.$'
+  )
+  with pytest.raises(RuntimeError, match=message):
     train.train_and_evaluate(config, str(tmp_path))  # Two in a row: not one interrupted write, so it stops.
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10', '15']
   assert os.listdir(tmp_path / 'corrupt_checkpoints') == ['16']
