@@ -797,8 +797,8 @@ def _fmt(value: np.ndarray) -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a --config file that is not there, or a --config.<field> the config lacks, reported
-  as a usage error, not a traceback."""
+  """absl's flag parsing, with a --config file that is not there or has no get_config(), or a --config.<field> the
+  config lacks, reported as a usage error, not a traceback."""
   # A --flagfile's flags count as if given in its place, as absl reads them. (ml_collections has read the flag
   # files once already, when the --config flag was defined, so they can be opened.)
   args = [argv[0], *flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)]
@@ -817,10 +817,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     return app.parse_flags_with_usage(argv)
   except AttributeError as error:
     missing_key = error.args[0] if error.args else None
-    if not isinstance(missing_key, KeyError):  # Not ml_collections' error for a missing field.
-      raise
-    # Its text names the field, and the nearest one the config has: "'pol'\nDid you mean "pool" instead of "pol"?"
-    sys.exit(f'FATAL Flags parsing error: the config has no field {missing_key.args[0]}')
+    if isinstance(missing_key, KeyError):  # ml_collections' error for a missing field.
+      # Its text names the field, and the nearest one the config has: "'pol'\nDid you mean "pool" instead of "pol"?"
+      sys.exit(f'FATAL Flags parsing error: the config has no field {missing_key.args[0]}')
+    if error.name == 'get_config':  # A Python file, but not a config: model.py, say.
+      sys.exit(
+        f'FATAL Flags parsing error: --config={config_value}: {config_file} has no get_config(); a config file '
+        'returns its ConfigDict from get_config(), as configs/*.py do.'
+      )
+    raise
 
 
 def main(argv):

@@ -1280,6 +1280,7 @@ MISSING_CONFIG = f'there is no file configs/nope.py; see {REPO}/configs/.'
     (['-config', 'configs/nope.py:arg', '--config.num_epochs=1'], f'--config=configs/nope.py:arg: {MISSING_CONFIG}'),
     (['-config=configs/nope.py'], f'--config=configs/nope.py: {MISSING_CONFIG}'),
     (['--config=configs'], '--config=configs: there is no file configs;'),  # A directory.
+    (['--config=model.py'], '--config=model.py: model.py has no get_config(); a config file returns its ConfigDict'),
     # One given in a flag file, which absl reads in place of --flagfile.
     (['--flagfile={flagfile}'], f'--config=configs/nope.py: {MISSING_CONFIG}'),
     # After '--' it is an argument, not a flag.
@@ -1287,16 +1288,18 @@ MISSING_CONFIG = f'there is no file configs/nope.py; see {REPO}/configs/.'
     (['--multihost'], '--multihost could not join a cluster (coordinator_address should be defined.)'),
   ],
   ids=['process_flags_without_multihost', 'mistyped_config_field', 'missing_config_file', 'missing_config_file_spaced',
-       'missing_config_file_one_dash', 'config_directory', 'missing_config_file_in_flagfile', 'config_after_dashes',
-       'multihost_alone'],
+       'missing_config_file_one_dash', 'config_directory', 'not_a_config_file', 'missing_config_file_in_flagfile',
+       'config_after_dashes', 'multihost_alone'],
 )  # fmt: skip
 def test_bad_flags_are_refused_by_name_before_any_work(tmp_path, flags, message):
   flagfile = tmp_path / 'flags'
   flagfile.write_text('--config=configs/nope.py\n')
   # Without the variables by which JAX would find a SLURM, Open MPI or Kubernetes cluster to join.
   environment = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_', 'KUBERNETES_'))}
+  # ml_collections loads a second --config file into the first one's module, where the first's get_config() stays.
+  config = [] if flags[0].startswith('--config=') else ['--config=configs/default.py']
   result = subprocess.run(
-    [sys.executable, 'train.py', '--config=configs/default.py', f'--workdir={tmp_path / "run"}',
+    [sys.executable, 'train.py', *config, f'--workdir={tmp_path / "run"}',
      *(flag.format(flagfile=flagfile) for flag in flags)],
     cwd=REPO, capture_output=True, text=True, env=environment,
   )  # fmt: skip
