@@ -217,8 +217,9 @@ def load_config(workdir: str, checkpoint_step: int | None = None) -> ml_collecti
       return ml_collections.ConfigDict(_tuples(json.load(f)))
     except ValueError as error:  # json's JSONDecodeError is one.
       raise ValueError(
-        f'{saved[-1]} cannot be read as a saved config ({error}); it was left untouched. Repair it, or move it out '
-        'of the workdir to resume without comparing the config with the run that made the checkpoint.'
+        f'{saved[-1]} cannot be read as a saved config ({error}); it was left untouched. Repair it: visualize.py '
+        "needs it to know the run's model. (Moved out of the workdir, it lets train.py resume, without comparing the "
+        'config with the run that made the checkpoint.)'
       ) from error
 
 
