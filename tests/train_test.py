@@ -900,6 +900,13 @@ def test_an_eval_batch_larger_than_the_split_is_cut_to_the_split_and_num_batches
   assert first == train.evaluate(eval_fn, params, {name: value[:256] for name, value in data.items()}, 256)
 
 
+def test_an_eval_batch_cut_to_a_small_split_still_divides_over_the_devices(monkeypatch):
+  monkeypatch.setattr(jax, 'device_count', lambda: 8)
+  assert train.evaluation_batch_size(60, 1000) == 64  # 60 examples and 4 padded, 8 on each device.
+  assert train.evaluation_batch_size(1000, 512) == 512
+  assert train.evaluation_batch_size(64, 1000) == 64
+
+
 def run_train_py(workdir, *flags):
   command = [sys.executable, 'train.py', '--config=configs/default.py', f'--workdir={workdir}', *flags]
   return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
