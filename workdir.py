@@ -138,8 +138,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
       raise  # Another model's, or a process that cannot read it now: no sign the checkpoint itself is damaged.
     except Exception as error:  # noqa: BLE001 -- any other read failure means this checkpoint is unusable.
       older = sorted(s for s in steps if s < step)
-      # The whole error is chained below; its first line says enough beside the advice (TensorStore's run on).
-      cause = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'[:300]
+      # Its first line names the cause: TensorStore's errors run on for 60 lines (the raise below chains it whole).
+      cause = f'{type(error).__name__}: {(str(error).splitlines() or [""])[0]}'[:300]
       if not set_aside_corrupt or set_aside:
         untried = f' Older checkpoints, not tried: {older}.' if older else ' There is no older checkpoint.'
         if set_aside:
