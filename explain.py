@@ -507,9 +507,6 @@ if __name__ == '__main__':
   # Defined here rather than at import, as in train.py, so that importing this module defines no flags.
   flags.DEFINE_enum('experiment', None, EXPERIMENTS, 'Which claim to test.')
   flags.DEFINE_string('out_dir', 'runs/explain', 'Directory for the PNG (<experiment>_2.png, ... if one is there).')
-  flags.register_validator(
-    'out_dir', lambda path: path and not os.path.isfile(path), '--out_dir must name a directory, not a file or nothing'
-  )
   flags.DEFINE_integer('num_epochs', 3, "Training epochs of every run, fewer than the default config's.", lower_bound=1)
   flags.mark_flag_as_required('experiment')
   app.run(main)

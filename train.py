@@ -560,9 +560,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   """
   setup_start = time.perf_counter()
   check_config(config)
-  if not workdir or (os.path.exists(workdir) and not os.path.isdir(workdir)):
-    problem = 'is not a directory' if workdir else 'is empty'
-    raise ValueError(f'workdir={workdir!r} {problem}; name a directory for the run, new or one it resumes.')
+  workdir_lib.check_directory_path(workdir, 'workdir', 'name a directory for the run, new or one it resumes')
   checkpoints = os.path.join(workdir, 'checkpoints')
   if os.path.lexists(checkpoints) and not os.path.isdir(checkpoints):
     raise ValueError(

@@ -189,8 +189,7 @@ def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, mod
       'training workdir. Give one, or an existing empty directory to draw a fresh init of configs/default.py.'
     )
   if out_dir is not None:
-    if not out_dir or os.path.isfile(out_dir):
-      raise ValueError(f'--out_dir={out_dir!r} is not a directory; name a new or empty one.')
+    workdir_lib.check_directory_path(out_dir, '--out_dir', 'name a new or empty one')
     if os.path.isdir(out_dir) and os.listdir(out_dir):
       raise ValueError(
         f'--out_dir={out_dir} already holds files; name a new or empty directory, so none is overwritten.'

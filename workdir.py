@@ -94,9 +94,17 @@ def unused_path(stem: str, suffix: str = '', taken: Callable[[str], bool] = os.p
   return next(path for path in (candidate + suffix for candidate in candidates) if not taken(path))
 
 
+def check_directory_path(path: str, setting: str, advice: str, error: type[Exception] = ValueError) -> None:
+  """Raises `error` naming the `setting` (train's workdir, a script's --out_dir) when `path` is empty or names
+  something other than a directory: a check before any work, with `advice` on what to give instead."""
+  if not path or (os.path.lexists(path) and not os.path.isdir(path)):
+    raise error(f'{setting}={path!r} {"is not a directory" if path else "is empty"}; {advice}.')
+
+
 def make_directory(path: str, setting: str, error: type[Exception] = ValueError) -> None:
-  """os.makedirs(path), raising `error` that names the `setting` (train's workdir, a script's --out_dir) when the path
-  cannot be a directory, so that it is refused before any work rather than as an OSError after it."""
+  """os.makedirs(path), raising `error` that names the `setting` when the path cannot be a directory, so that it is
+  refused before any work rather than as an OSError after it."""
+  check_directory_path(path, setting, 'name a directory', error)
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as reason:

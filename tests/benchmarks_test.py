@@ -121,7 +121,8 @@ def test_profile_step_refuses_a_trace_dir_that_cannot_be_a_directory_before_any_
   (tmp_path / 'notes').write_text('mine')
   result = run_script('profile_step.py', f'--trace_dir={tmp_path / trace_dir if trace_dir else ""}', cwd=tmp_path)
   assert result.returncode != 0 and 'Traceback' not in result.stderr
-  assert "' cannot be made (" in result.stderr and result.stdout == ''  # Nothing compiled or traced.
+  problem = "notes' is not a directory" if trace_dir else "--trace_dir='' is empty"
+  assert f'{problem}; name a directory.' in result.stderr and result.stdout == ''  # Nothing compiled or traced.
   assert os.listdir(tmp_path) == ['notes'] and (tmp_path / 'notes').read_text() == 'mine'
 
 

@@ -52,8 +52,8 @@ def test_a_picture_of_an_earlier_run_is_kept(tmp_path):
 @pytest.mark.parametrize(
   'out_dir, message',
   [
-    ('notes', '--out_dir must name a directory, not a file or nothing'),  # As the flags are parsed.
-    ('', '--out_dir must name a directory, not a file or nothing'),
+    ('notes', "notes' is not a directory; name a directory."),  # Before any training.
+    ('', "--out_dir='' is empty; name a directory."),
     ('notes/explain', 'cannot be made ([Errno 20] Not a directory'),  # Before any training.
   ],
 )

@@ -77,7 +77,7 @@ def test_fresh_init_draws_every_layer(tmp_path):
   'out_dir, message',
   [
     ('a_file', r"--out_dir='.*a_file' is not a directory; name a new or empty one"),
-    ('', r"--out_dir='' is not a directory"),
+    ('', r"--out_dir='' is empty; name a new or empty one"),
     ('drawn', r'--out_dir=.*drawn already holds files; name a new or empty directory'),
     ('a_file/pictures', r"--out_dir='.*a_file/pictures' cannot be made \(.*\); name a directory that can"),
   ],
