@@ -19,6 +19,14 @@ import input_pipeline
 from configs import default
 
 TFDS_SHAPES = {'mnist': (32, 32, 1), 'fashion_mnist': (32, 32, 1), 'cifar10': (32, 32, 3)}
+# The published per-channel mean and std of each training set's pixels on the [0, 1] scale, as stored (28x28 digits,
+# 32x32 CIFAR-10, whose std is often quoted as (0.2023, 0.1994, 0.2010), a mean of per-image stds): the reference
+# that the normalisation of the tfds datasets is held to.
+PUBLISHED_STATS = {
+  'mnist': ((0.1307,), (0.3081,)),
+  'fashion_mnist': ((0.2860,), (0.3530,)),
+  'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
 
 
 def _border() -> np.ndarray:
@@ -160,7 +168,16 @@ def test_tfds_datasets_load_under_mock_data(name, tmp_path):
     np.testing.assert_array_equal(data['image'][:, _border()], background)
     assert np.any(data['image'][:, 2:30, 2:30] != background)
   # Mock images are uniform over 0-255, so each channel holds 0s (a miss has probability 1e-10): black.
-  np.testing.assert_array_equal(data['image'].min(axis=(0, 1, 2)), input_pipeline.black(name))
+  low = data['image'].min(axis=(0, 1, 2))
+  np.testing.assert_array_equal(low, input_pipeline.black(name))
+  # ... and 1s, so the two lowest values give the mean and std removed: the published ones, once the digits are
+  # zero-padded to 32x32 (a share f = 784/1024 of the pixels keeps its values: mean f*m, mean square f*(s^2 + m^2)).
+  channels = data['image'].reshape(-1, data['image'].shape[-1]).T
+  removed_std = np.array([1 / 255 / np.diff(np.unique(values)[:2])[0] for values in channels])
+  mean, std = (np.array(stats) for stats in PUBLISHED_STATS[name])
+  f = 1.0 if name == 'cifar10' else 784 / 1024
+  np.testing.assert_allclose(-low * removed_std, f * mean, rtol=1e-5)
+  np.testing.assert_allclose(removed_std, np.sqrt(f * (std**2 + mean**2) - (f * mean) ** 2), rtol=1e-5)
 
 
 @pytest.mark.parametrize('in_config', [True, False], ids=['config.data_dir', 'TFDS_DATA_DIR'])
