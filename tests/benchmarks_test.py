@@ -141,6 +141,27 @@ def test_profile_step_groups_each_op_by_layer_pass_and_optimizer(tmp_path, flags
   assert set(layers) | {'optimizer'} <= groups
 
 
+def test_profile_step_names_each_op_by_its_layer_and_pass():
+  # The op_name that jax writes into each HLO instruction: autodiff's backward pass is a transpose(...) of the jvp.
+  hlo = """
+  %dot.3 = f32[8,24]{1,0} dot(%a, %b), metadata={op_name="jit(step)/jvp(CNN)/conv1/dot_general"}
+  %dot.7 = f32[144,24]{1,0} dot(%c, %d), metadata={op_name="jit(step)/transpose(jvp(CNN))/conv1/dot_general"}
+  %max.2 = f32[8,14]{1,0} maximum(%e, %f), metadata={op_name="jit(step)/jvp(CNN)/pool1/max"}
+  ROOT %add.1 = f32[3]{0} add(%g, %h), metadata={op_name="jit(step)/vmap(optimizer)/add"}
+  %exp.5 = f32[8,10]{1,0} exponential(%i), metadata={op_name="jit(step)/jvp(log_softmax)/exp"}
+  """
+  code = f'import json, profile_step; print(json.dumps(profile_step.op_groups({hlo!r})))'
+  result = subprocess.run([sys.executable, '-c', code], cwd=BENCHMARKS, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert json.loads(result.stdout.splitlines()[-1]) == {
+    'dot.3': 'conv1 forward: dot',
+    'dot.7': 'conv1 backward: dot',
+    'max.2': 'pool1 forward: max',
+    'add.1': 'optimizer: add',
+    'exp.5': 'loss, data and other: exp',
+  }
+
+
 def test_throughput_saves_every_row_it_prints_and_its_machine(tmp_path):
   output = tmp_path / 'new' / 'results.json'
   result = run_script(
