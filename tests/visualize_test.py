@@ -119,6 +119,39 @@ def drawn_figures(monkeypatch) -> dict:
   return figures
 
 
+def test_each_picture_draws_its_layers_arrays(tmp_path, monkeypatch):
+  config = default.get_config()
+  config.model.flatten_order = 'chw'  # Not the identity, so the drawing must take it from the config.
+  workdir_lib.save_config(config, str(tmp_path), 0)
+  drawn = []
+  for name in ('_draw_filters', '_draw_maps', '_draw_flatten', '_draw_bars'):  # _draw_input draws with _draw_maps.
+    draw = getattr(visualize, name)
+    monkeypatch.setattr(visualize, name, lambda *args, draw=draw, **kwargs: drawn.append(args) or draw(*args, **kwargs))
+  visualize.write_pictures(str(tmp_path), index=3)
+  params = model.init_params(config, jax.random.key(config.seed))  # The fresh init drawn: no checkpoint.
+  image, _ = input_pipeline.load_example(config, 'test', 3)
+  cnn = model.create_model(config)
+  outputs = {k: v[0] for k, v in cnn.apply({'params': params}, image[None], method=model.CNN.layer_outputs).items()}
+  expected = [
+    (image,),
+    (params['conv1']['kernel'],),
+    (outputs['conv1'],),
+    (outputs['pool1'],),
+    (params['conv2']['kernel'],),
+    (outputs['conv2'],),
+    (outputs['pool2'],),
+    (outputs['flatten'], (5, 5, 6), model.flatten_permutation('chw', (5, 5, 6), 0)),
+    (outputs['fc1'], 'unit'),
+    (jax.nn.softmax(outputs['fc2']), 'class'),
+  ]
+  for arguments, expected_arguments in zip(drawn, expected, strict=True):
+    for argument, expected_argument in zip(arguments, expected_arguments, strict=True):
+      if isinstance(expected_argument, (str, tuple)):
+        assert argument == expected_argument
+      else:
+        np.testing.assert_allclose(argument, expected_argument, rtol=1e-6)
+
+
 def test_filters_show_each_filters_slice_per_input_channel_on_a_scale_symmetric_about_zero():
   kernel = np.random.default_rng(0).uniform(-1, 1, size=(5, 4, 2, 3)).astype(np.float32)
   kernel[0, 0, 1, 2] = -3.0  # The largest magnitude is negative: white stays 0 only if the scale is symmetric.
@@ -183,14 +216,17 @@ def test_a_sweeps_model_is_drawn_with_its_own_learning_curves(tmp_path, monkeypa
   config.num_models = 2
   workdir_lib.save_config(config, str(tmp_path), 0)
   rows = [
-    {'step': s, 'split': 'train', 'model': k, 'loss': 2.0 / s + k, 'accuracy': 0.5} for s in (1, 2) for k in (0, 1)
+    {'step': s, 'split': 'train', 'model': k, 'loss': 2.0 / s + k, 'accuracy': 0.1 * s + k / 2}
+    for s in (1, 2)
+    for k in (0, 1)
   ]
   (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
   figures = drawn_figures(monkeypatch)
   paths = visualize.write_pictures(str(tmp_path), model_index=1)
   assert os.path.dirname(paths[0]) == str(tmp_path / 'pictures' / 'test_example_0_model_1')  # Beside model 0's.
-  (train_loss,) = figures['learning_curves'][0].axes[0].lines
+  (train_loss,), (train_accuracy,) = (ax.lines for ax in figures['learning_curves'][0].axes)
   np.testing.assert_array_equal(train_loss.get_ydata(), [3.0, 2.0])  # Model 1's.
+  np.testing.assert_array_equal(train_accuracy.get_ydata(), [0.6, 0.7])
 
 
 def test_a_run_stopped_before_its_first_metrics_row_gets_no_empty_learning_curves(tmp_path, monkeypatch):
