@@ -21,7 +21,8 @@ far more than XLA, and a figure well under the thread count flags a disturbed ru
 CPUs, so that XLA's thread pool and PyTorch's both have that many (--nopin_cpus on a GPU or TPU host). Each tinycnn row
 gives the compile time of the program it times: `train_step` (vmapped in sweep8), or the whole epoch's scan in the epoch
 modes. Results are also saved as JSON, in a new file per run, with the versions and every flag's value; a run stopped
-early saves the rows it measured, marked "complete": false. The `peak` line times a 4096x4096 fp32 matmul, the machine's
+early saves the rows it measured, marked "complete": false; a row keeps each repeat's rate, in the order run, and
+the images a repeat trains (model-images in the sweeps). The `peak` line times a 4096x4096 fp32 matmul, the machine's
 practical peak; GFLOP/s count the nominal FLOPs of `model.layer_info`.
 """
 
@@ -250,11 +251,11 @@ def measure(results: dict) -> None:
           runners[f'torch:{variant}'] = prepare_torch(batch_size, channels, variant, data)
         except Exception as error:  # noqa: BLE001 -- torch.compile needs a working toolchain; report, go on.
           print(f'C={channels} B={batch_size} torch:{variant} failed: {type(error).__name__}: {error}'.splitlines()[0])
-      rates, cpu_per_wall = {name: [] for name in runners}, {name: [] for name in runners}
+      rates, cpu_per_wall, images_per_repeat = {name: [] for name in runners}, {name: [] for name in runners}, {}
       for _ in range(FLAGS.repeats):
         for name, (run, _) in runners.items():
-          wall, cpu, images = timed(run)
-          rates[name].append(images / wall)
+          wall, cpu, images_per_repeat[name] = timed(run)
+          rates[name].append(images_per_repeat[name] / wall)
           cpu_per_wall[name].append(cpu / wall)
       torch_names = [name for name in rates if name.startswith('torch:')]
       best_torch = [max(rates[n][i] for n in torch_names) for i in range(FLAGS.repeats)] if torch_names else None
@@ -263,7 +264,8 @@ def measure(results: dict) -> None:
         nominal = not name.startswith('sweep')  # A sweep's model-images are not one model's work.
         row = {
           'channels': channels, 'batch_size': batch_size, 'variant': name,
-          'steps_per_repeat': steps_per_repeat(batch_size),
+          'steps_per_repeat': steps_per_repeat(batch_size), 'images_per_repeat': images_per_repeat[name],
+          'images_per_second': r,
           'images_per_second_median': median, 'images_per_second_min': min(r), 'images_per_second_max': max(r),
           'cpu_seconds_per_second': statistics.median(cpu_per_wall[name]), 'compile_seconds': runners[name][1],
           'ratio_to_best_torch': statistics.median(np.divide(r, best_torch)) if best_torch else None,

@@ -165,19 +165,28 @@ def test_profile_step_names_each_op_by_its_layer_and_pass():
 def test_throughput_saves_every_row_it_prints_and_its_machine(tmp_path):
   output = tmp_path / 'new' / 'results.json'
   result = run_script(
-    'throughput.py', '--batch_sizes=32', '--channels=1,3', '--modes=step', '--notorch', '--repeats=2',
+    'throughput.py', '--batch_sizes=32', '--channels=1,3', '--modes=step,sweep8', '--notorch', '--repeats=3',
     '--images_per_repeat=64', f'--output={output}', '--nopin_cpus',
   )  # fmt: skip
   assert result.returncode == 0, result.stderr
   saved = json.loads(output.read_text())
   assert [(row['channels'], row['batch_size'], row['variant']) for row in saved['rows']] == [
     (1, 32, 'step'),
+    (1, 32, 'sweep8'),
     (3, 32, 'step'),
+    (3, 32, 'sweep8'),
   ]
-  for row, flops_per_image in zip(saved['rows'], (601_200, 1_071_600), strict=True):
-    assert 0 < row['images_per_second_min'] <= row['images_per_second_median'] <= row['images_per_second_max']
+  for row, flops_per_image in zip(saved['rows'], (601_200, None, 1_071_600, None), strict=True):
+    rates = row['images_per_second']
+    assert len(rates) == 3 and min(rates) > 0
+    assert row['images_per_second_median'] == sorted(rates)[1]  # Not the mean.
+    assert (row['images_per_second_min'], row['images_per_second_max']) == (min(rates), max(rates))
     assert row['steps_per_repeat'] == 10  # At least 10 steps, though 64 images make 2 batches of 32.
+    assert row['images_per_repeat'] == 10 * 32 * (8 if row['variant'] == 'sweep8' else 1)  # 8 models' images.
     assert row['compile_seconds'] > 0
+    if flops_per_image is None:  # A sweep's model-images are not one model's work.
+      assert row['gflops'] is None
+      continue
     # Forward FLOPs (conv1 117,600 per input channel, conv2 90,000, fc1 30,000, fc2 2,000) times 3, less conv1's
     # input gradient.
     assert row['gflops'] * 1e9 == pytest.approx(row['images_per_second_median'] * flops_per_image)
@@ -185,10 +194,25 @@ def test_throughput_saves_every_row_it_prints_and_its_machine(tmp_path):
   # How the table was made: the versions, and every flag of the script with its value, defaults included.
   assert saved['machine']['jax'] == jax.__version__
   assert saved['machine']['flags'] == {
-    'batch_sizes': ['32'], 'channels': ['1', '3'], 'modes': ['step'], 'torch': False, 'torch_variants': None,
-    'repeats': 2, 'images_per_repeat': 64, 'threads': min(2, AVAILABLE_CPUS), 'pin_cpus': False,
+    'batch_sizes': ['32'], 'channels': ['1', '3'], 'modes': ['step', 'sweep8'], 'torch': False,
+    'torch_variants': None, 'repeats': 3, 'images_per_repeat': 64, 'threads': min(2, AVAILABLE_CPUS), 'pin_cpus': False,
     'output': str(output),
   }  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason='torch is a benchmark-only dependency')
+def test_throughputs_ratio_to_pytorch_is_the_median_of_each_repeats_ratio_to_the_best_variant(tmp_path):
+  output = tmp_path / 'results.json'
+  result = run_script(
+    'throughput.py', '--batch_sizes=32', '--channels=1', '--modes=step', '--torch_variants=eager,eager_channels_last',
+    '--repeats=3', '--images_per_repeat=32', f'--output={output}', '--nopin_cpus',
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr
+  rows = {row['variant']: row for row in json.loads(output.read_text())['rows']}
+  best_torch = np.maximum(*(rows[f'torch:{v}']['images_per_second'] for v in ('eager', 'eager_channels_last')))
+  for name, row in rows.items():
+    assert row['ratio_to_best_torch'] == pytest.approx(np.median(np.divide(row['images_per_second'], best_torch)))
+    assert (row['ratio_to_best_torch'] <= 1) if name.startswith('torch:') else row['ratio_to_best_torch'] > 0
 
 
 def test_throughputs_default_output_is_beside_the_script_whatever_the_working_directory(tmp_path):
