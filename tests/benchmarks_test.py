@@ -258,8 +258,9 @@ def test_the_workloads_random_examples_are_the_same_arrays_each_time(benchmarks_
   import workload
 
   # throughput.py's PyTorch rows train on a second call's arrays, tinycnn's on its own call's.
-  first, second = workload.random_examples(8, 3), workload.random_examples(8, 3)
-  assert first['image'].shape == (8, 32, 32, 3) and first['image'].dtype == np.float32
+  first, second = workload.random_examples(100, 3), workload.random_examples(100, 3)
+  assert first['image'].shape == (100, 32, 32, 3) and first['image'].dtype == np.float32
+  assert first['label'].dtype == np.int32 and set(first['label']) == set(range(10))  # All ten classes.
   jax.tree.map(np.testing.assert_array_equal, first, second)
 
 
