@@ -1126,15 +1126,16 @@ for name in ('batch_size', 'eval_batch_size'):
 state, _ = train.train_and_evaluate(config, sys.argv[1])
 with open(sys.argv[3], 'wb') as f:
   pickle.dump(list(params_after_each_step(config)), f)
-print(len(state.params['fc1']['kernel'].sharding.device_set), 'devices hold the parameters;',
-      *flops_per_device(config), 'FLOPs per device in a training step and an evaluation batch')
+one_device = jax.sharding.Mesh(jax.devices()[:1], ('batch',))
+print(len(state.params['fc1']['kernel'].sharding.device_set), 'devices hold the parameters; FLOPs per device in a',
+      'training step and an evaluation batch:', *flops_per_device(config, train.device_mesh()), 'on 8,',
+      *flops_per_device(config, one_device), 'on 1')
 """
 
 
-def flops_per_device(config):
-  """XLA's counts of the floating-point operations one device runs in the compiled training step of `config` and in
-  its evaluation of a batch."""
-  mesh = train.device_mesh()
+def flops_per_device(config, mesh):
+  """XLA's counts of the floating-point operations one device of `mesh` runs in the compiled training step of
+  `config` and in its evaluation of a batch."""
   num_train = input_pipeline.split_size(config, 'train')
   functions = train.training_functions(config, num_train, NamedSharding(mesh, PartitionSpec('batch')))
   data = train.place_replicated(input_pipeline.load_split(config, 'train'), mesh)
@@ -1160,16 +1161,16 @@ def test_data_parallel_over_8_devices_matches_one_device(short_run, tmp_path):
   for name in ('batch_size', 'eval_batch_size'):
     assert f'config.{name}=60 is not valid; it must divide evenly over the 8 devices' in result.stdout
   last_line = result.stdout.strip().splitlines()[-1]
-  devices, *flops = re.fullmatch(
-    r'(\d+) devices hold the parameters; ([\d.]+) ([\d.]+) FLOPs per device in a training step and an evaluation '
-    'batch',
+  numbers = re.fullmatch(
+    r'(\d+) devices hold the parameters; FLOPs per device in a training step and an evaluation batch: '
+    r'([\d.]+) ([\d.]+) on 8, ([\d.]+) ([\d.]+) on 1',
     last_line,
   ).groups()
-  assert int(devices) == 8
+  devices, flops_on_8, flops_on_1 = int(numbers[0]), np.array(numbers[1:3], float), np.array(numbers[3:], float)
+  assert devices == 8
   # Each device runs its eighth of a batch (the optimiser's update, on the replicated parameters, is most of the
   # rest), rather than all of it with the same results.
-  for one_device, eight_devices in zip(flops_per_device(short_config()), flops, strict=True):
-    assert one_device / float(eight_devices) > 7
+  assert np.all(flops_on_1 / flops_on_8 > 7), (flops_on_1, flops_on_8)
   with open(steps_file, 'rb') as f:
     for eight_devices, one_device in zip(pickle.load(f), params_after_each_step(short_config()), strict=True):
       assert_trees_close(eight_devices, one_device, atol=1e-6)
