@@ -561,11 +561,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   setup_start = time.perf_counter()
   check_config(config)
   workdir_lib.check_directory_path(workdir, 'workdir', 'name a directory for the run, new or one it resumes')
-  checkpoints = os.path.join(workdir, 'checkpoints')
-  if os.path.lexists(checkpoints) and not os.path.isdir(checkpoints):
-    raise ValueError(
-      f'{checkpoints} is not a directory, and the run keeps its checkpoints there; move it, or name another workdir.'
-    )
+  workdir_lib.check_checkpoints_directory(workdir)
   eval_split = 'validation' if config.validation_size else 'test'
   # The checks that need the splits' sizes take them from the dataset's index: no image is read before they pass.
   # (The evaluation split's too: a tfds test split not prepared is found before the train split is read.)

@@ -54,6 +54,23 @@ def checkpoint_manager(workdir: str, max_to_keep: int | None = None) -> ocp.Chec
   )
 
 
+def check_checkpoints_directory(workdir: str) -> None:
+  """Raises ValueError when workdir/checkpoints, or an entry in it named like a step, is not a directory: orbax would
+  fail to save into the one (after training, its threads then never ending) and replace the other."""
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  if os.path.lexists(checkpoints) and not os.path.isdir(checkpoints):
+    raise ValueError(
+      f'{checkpoints} is not a directory, and the run keeps its checkpoints there; move it, or name another workdir.'
+    )
+  names = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
+  for name in sorted(name for name in names if name.isdigit()):
+    if not os.path.isdir(os.path.join(checkpoints, name)):
+      raise ValueError(
+        f'{os.path.join(checkpoints, name)} is not a checkpoint (a directory), and saving step {name} would replace '
+        'it; move it out of the checkpoints directory.'
+      )
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state) -> None:
   """Saves `state` as checkpoint `step` (in the background; `manager.wait_until_finished()` waits for it)."""
   manager.save(step, args=ocp.args.StandardSave(state))

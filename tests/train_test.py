@@ -687,12 +687,21 @@ def test_a_workdir_that_cannot_be_a_directory_is_refused_before_any_image_is_rea
   assert image_reads == []
 
 
-def test_a_workdir_whose_checkpoints_is_a_file_is_refused_and_the_file_kept(tmp_path, image_reads):
-  (tmp_path / 'checkpoints').write_text('a note')  # Orbax would fail to save in it, at the end of the first epoch.
-  with pytest.raises(ValueError, match=r'checkpoints is not a directory, and the run keeps its checkpoints there'):
+@pytest.mark.parametrize(
+  'path, message',
+  [
+    # Orbax would fail to save in it, at the end of the first epoch.
+    ('checkpoints', r'checkpoints is not a directory, and the run keeps its checkpoints there'),
+    ('checkpoints/62', r'checkpoints/62 is not a checkpoint \(a directory\), and saving step 62 would replace it'),
+  ],
+)
+def test_a_file_where_checkpoints_go_is_refused_and_kept(tmp_path, image_reads, path, message):
+  (tmp_path / path).parent.mkdir(exist_ok=True)
+  (tmp_path / path).write_text('a note')
+  with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(short_config(), str(tmp_path))
-  assert os.listdir(tmp_path) == ['checkpoints']
-  assert (tmp_path / 'checkpoints').read_text() == 'a note'
+  assert sorted(os.listdir(tmp_path)) == ['checkpoints']
+  assert (tmp_path / path).read_text() == 'a note'
   assert image_reads == []
 
 
