@@ -1047,12 +1047,19 @@ def test_epoch_mode_refuses_a_cadence_inside_an_epoch(tmp_path, cadences, settin
 # train losses within 0.2%); on an AVX-512 CPU the 124 steps over 8 devices, or 2 processes, ended 8e-4 from one
 # device's, where on an AVX2 CPU they had stayed within 1e-5. So such runs are compared step by step to rounding,
 # and whole by their metrics.
+def training_on(config, mesh):
+  """(training functions, train split, initial state) of `config` on the devices of `mesh`, placed as
+  train_and_evaluate places them: the data and state replicated, each batch split over the devices."""
+  num_train = input_pipeline.split_size(config, 'train')
+  functions = train.training_functions(config, num_train, NamedSharding(mesh, PartitionSpec('batch')))
+  data = train.place_replicated(input_pipeline.load_split(config, 'train'), mesh)
+  steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
+  return functions, data, train.place_replicated(train.create_initial_state(config, steps_per_epoch), mesh)
+
+
 def params_after_each_step(config, num_steps=4):
   """Yields the parameters after each of the first `num_steps` steps of epoch 0, the batch split over all devices."""
-  mesh = train.device_mesh()
-  data = train.place_replicated(input_pipeline.load_split(config, 'train'), mesh)
-  functions = train.training_functions(config, 4000, NamedSharding(mesh, PartitionSpec('batch')))
-  state = train.place_replicated(train.create_initial_state(config, 62), mesh)
+  functions, data, state = training_on(config, train.device_mesh())
   keys, indices = functions.epoch_order(0)
   train_step = train.jit_with_xla_options(functions.train_step)
   for step in range(num_steps):
@@ -1145,11 +1152,7 @@ print(len(state.params['fc1']['kernel'].sharding.device_set), 'devices hold the 
 def flops_per_device(config, mesh):
   """XLA's counts of the floating-point operations one device of `mesh` runs in the compiled training step of
   `config` and in its evaluation of a batch."""
-  num_train = input_pipeline.split_size(config, 'train')
-  functions = train.training_functions(config, num_train, NamedSharding(mesh, PartitionSpec('batch')))
-  data = train.place_replicated(input_pipeline.load_split(config, 'train'), mesh)
-  steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
-  state = train.place_replicated(train.create_initial_state(config, steps_per_epoch), mesh)
+  functions, data, state = training_on(config, mesh)
   keys, indices = jax.jit(functions.epoch_order, out_shardings=NamedSharding(mesh, PartitionSpec()))(0)
   step = train.jit_with_xla_options(functions.train_step).lower(state, data, indices, keys, 0).compile()
   eval_data = input_pipeline.load_split(config, 'test')
