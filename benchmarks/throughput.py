@@ -12,7 +12,8 @@ default's random shifts, which the peer does not make either; the peer gathers i
   sweep8    8 models in one vmapped step (num_models=8), model-images/s; compare with `step`, which is what 8
             sequential runs would each reach
   sweep8_epoch  the same 8 models, a whole epoch of them in one lax.scan (num_models=8, train_mode='epoch')
-  torch:*   benchmarks/torch_peer.py, when torch is installed (pip install -r benchmarks/requirements.txt)
+  torch:*   benchmarks/torch_peer.py, when torch is installed (pip install -r benchmarks/requirements.txt); on the
+            GPU when jax runs on one and torch was built with CUDA
 Warm-up is excluded; each variant is timed `--repeats` times, interleaved with the others so that machine noise
 hits all alike, and reported as median (min-max). The ratio to PyTorch is the median over repeats of each repeat's
 ratio to the best PyTorch variant in that repeat. Each row also gives its process CPU time per wall second (2.0: both
@@ -26,6 +27,7 @@ the images a repeat trains (model-images in the sweeps). The `peak` line times a
 practical peak; GFLOP/s count the nominal FLOPs of `model.layer_info`.
 """
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -127,10 +129,15 @@ def prepare_tinycnn(batch_size: int, channels: int, mode: str):
   return run, compile_seconds
 
 
+def torch_device() -> str:
+  """Where the PyTorch peer runs: on the GPU when jax runs on one and this torch build has CUDA, else the CPU."""
+  return 'cuda' if jax.default_backend() == 'gpu' and torch_peer.torch.cuda.is_available() else 'cpu'
+
+
 def prepare_torch(batch_size: int, channels: int, variant: str, data: dict[str, np.ndarray]):
   """Builds and warms up one PyTorch variant on `data`; returns (run() -> images, None)."""
   steps = steps_per_repeat(batch_size)
-  run_steps = torch_peer.prepare(batch_size, channels, variant, threads=FLAGS.threads, data=data)
+  run_steps = torch_peer.prepare(batch_size, channels, variant, threads=FLAGS.threads, data=data, device=torch_device())
 
   def run():
     run_steps(steps)
@@ -230,12 +237,15 @@ def measure(results: dict) -> None:
   machine.update({
     'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(), 'cpu': cpu_model(), 'cpus': cpus,
     'platform': platform.platform(), 'peak_gflops': peak, 'load_average_start': os.getloadavg()[0],
-    'jax': jax.__version__, 'jaxlib': jax.lib.__version__,
-    'torch': torch_peer.torch.__version__ if torch_peer else None, 'flags': flag_values(),
+    'jax': jax.__version__, 'jaxlib': importlib.metadata.version('jaxlib'),
+    'torch': torch_peer.torch.__version__ if torch_peer else None,
+    'torch_device': torch_device() if torch_peer else None, 'flags': flag_values(),
   })  # fmt: skip
   print(f'{machine["device"]} ({machine["backend"]}): {machine["cpu"]}, {cpus} CPUs, jax {jax.__version__}; '
         f'peak fp32 matmul {peak:.0f} GFLOP/s; load average {machine["load_average_start"]:.2f}')  # fmt: skip
   torch_variants = (FLAGS.torch_variants or list(torch_peer.VARIANTS)) if torch_peer and FLAGS.torch else []
+  if torch_variants:
+    print(f'PyTorch {machine["torch"]} on {machine["torch_device"]}')
   if FLAGS.torch and not torch_peer:
     print('torch is not installed: no PyTorch peer rows (pip install -r benchmarks/requirements.txt).')
   for channels in map(int, FLAGS.channels):

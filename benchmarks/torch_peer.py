@@ -66,12 +66,14 @@ def load_flax_params(model: PeerCNN, params) -> PeerCNN:
   return model
 
 
-def make_step(batch_size: int, channels: int, variant: str, learning_rate: float = 0.01, seed: int = 0):
+def make_step(
+  batch_size: int, channels: int, variant: str, learning_rate: float = 0.01, seed: int = 0, device: str = 'cpu'
+):
   """(model, step): `step(images, labels)` runs one training step in place and returns the loss tensor."""
   if variant not in VARIANTS:
     raise ValueError(f'variant={variant!r} is not one of {VARIANTS}.')
   torch.manual_seed(seed)
-  model = PeerCNN(channels)
+  model = PeerCNN(channels).to(device)  # Initialised on the CPU, so that the seed gives the same weights anywhere.
   channels_last = variant.endswith('channels_last')
   if channels_last:
     model = model.to(memory_format=torch.channels_last)
@@ -96,12 +98,14 @@ def prepare(
   threads: int = 2,
   data: dict[str, np.ndarray] | None = None,
   learning_rate: float = 0.01,
+  device: str = 'cpu',
 ) -> Callable[[int], float]:
   """Builds and warms up one variant; returns `run(steps) -> seconds` for `steps` timed training steps.
 
   Step i trains on batch i of a fixed shuffled order of `data` ({'image': [N, 32, 32, C] float32, 'label': [N]},
-  held in memory; by default 4 batches of N(0, 1) images), gathered from it as the step begins: the work tinycnn's
-  step does, and on the same arrays when the caller passes tinycnn's (benchmarks/throughput.py does).
+  held in memory on `device`, 'cpu' or 'cuda'; by default 4 batches of N(0, 1) images), gathered from it as the step
+  begins: the work tinycnn's step does, and on the same arrays when the caller passes tinycnn's
+  (benchmarks/throughput.py does).
   Callers that compare variants on a noisy machine can interleave the `run` calls of several variants.
   Raises whatever building or compiling the variant raises.
   """
@@ -113,13 +117,14 @@ def prepare(
       'label': torch.randint(0, 10, (num_examples,), generator=generator).numpy(),
     }
   # [N, H, W, C] seen as [N, C, H, W]: channels_last already, so a gathered batch is too.
-  images = torch.from_numpy(data['image']).permute(0, 3, 1, 2)
+  images = torch.from_numpy(data['image']).to(device).permute(0, 3, 1, 2)
   if not variant.endswith('channels_last'):
     images = images.contiguous()
-  labels = torch.from_numpy(data['label']).long()
+  labels = torch.from_numpy(data['label']).to(device).long()
   num_batches = len(labels) // batch_size
   order = torch.randperm(len(labels), generator=generator)[: num_batches * batch_size].reshape(num_batches, batch_size)
-  _, step = make_step(batch_size, channels, variant, learning_rate)
+  order = order.to(device)
+  _, step = make_step(batch_size, channels, variant, learning_rate, device=device)
 
   def run(steps: int) -> float:
     previous_threads = torch.get_num_threads()
@@ -129,7 +134,7 @@ def prepare(
       for i in range(steps):
         batch = order[i % num_batches]
         loss = step(images[batch], labels[batch])
-      loss.item()  # CPU ops are synchronous; this only guards against any deferred work.
+      loss.item()  # Waits for the steps' work: CUDA's ops run asynchronously to Python, as XLA's do.
       return time.perf_counter() - start
     finally:
       torch.set_num_threads(previous_threads)
