@@ -1,5 +1,6 @@
 """The network's shapes, its two facts and its validation, checked against independent computations."""
 
+import functools
 import itertools
 import re
 
@@ -55,11 +56,15 @@ class ShapesTest(parameterized.TestCase):
     self.assertEqual(set(leaf.dtype for leaf in jax.tree.leaves(params)), {jnp.dtype('float32')})
 
   @parameterized.parameters((1, 0), (3, 4))
-  def test_init_params_compiled_are_flaxs_init_run_op_by_op_bitwise(self, channels, seed):
+  def test_init_params_compiled_are_flaxs_init_run_op_by_op(self, channels, seed):
     config = make_config(channels)
     images = jnp.zeros((1, *config.input_shape), jnp.float32)
     op_by_op = model.create_model(config).init(jax.random.key(seed), images)['params']
-    jax.tree.map(np.testing.assert_array_equal, model.init_params(config, jax.random.key(seed)), op_by_op)
+    # Bitwise on the CPU. XLA:GPU fuses the truncated normal's arithmetic into kernels that round differently from
+    # the op-by-op ones: up to 9e-8 apart on an H200, for kernels of std 0.03-0.2.
+    tolerance = 0 if jax.default_backend() == 'cpu' else 1e-6
+    assert_close = functools.partial(np.testing.assert_allclose, rtol=0, atol=tolerance)
+    jax.tree.map(assert_close, model.init_params(config, jax.random.key(seed)), op_by_op)
 
   def test_kernels_start_lecun_normal_and_biases_at_zero(self):
     # LeCun normal: a normal truncated at two standard deviations, scaled to variance 1 / fan_in, where fan_in is
