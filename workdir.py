@@ -163,8 +163,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
       raise  # Another model's, or a process that cannot read it now: no sign the checkpoint itself is damaged.
     except Exception as error:  # noqa: BLE001 -- any other read failure means this checkpoint is unusable.
       older = sorted(s for s in steps if s < step)
-      # Its first line names the cause: TensorStore's errors run on for 60 lines (the raise below chains it whole).
-      cause = f'{type(error).__name__}: {(str(error).splitlines() or [""])[0]}'[:300]
+      cause = _first_line_of_root_cause(error)
       if not set_aside_corrupt or set_aside:
         untried = f' Older checkpoints, not tried: {older}.' if older else ' There is no older checkpoint.'
         if set_aside:
@@ -199,6 +198,20 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
       manager.reload()
       set_aside.append(step)
   return None
+
+
+def _first_line_of_root_cause(error: BaseException) -> str:
+  """'Type: first line' of the innermost error that `error` chains, at most 300 characters.
+
+  Orbax wraps TensorStore's error, which names the file and what is wrong with it ('OUT_OF_RANGE: Error reading
+  "params.fc1.kernel/0.0" ...'), in one whose first line is a repr of the array's 60-line spec; the raise that
+  reports it chains the whole.
+  """
+  seen = {id(error)}
+  while error.__cause__ is not None and id(error.__cause__) not in seen:  # `raise ... from`: what it was caused by.
+    error = error.__cause__
+    seen.add(id(error))
+  return f'{type(error).__name__}: {(str(error).splitlines() or [""])[0]}'[:300]
 
 
 CONFIG_NAME = re.compile(r'config(?:_step(\d+)(?:_(\d+))?)?\.json')

@@ -371,12 +371,24 @@ def truncate_every_file(checkpoint):
         f.truncate(max(os.path.getsize(os.path.join(root, name)) // 2, 1))
 
 
+def truncate_array_data(checkpoint):
+  # Only the arrays' bytes: the metadata reads, and TensorStore's error surfaces wrapped in orbax's.
+  data = os.path.join(checkpoint, 'default', 'ocdbt.process_0', 'd')
+  for name in os.listdir(data):
+    os.truncate(os.path.join(data, name), 10)
+
+
 @pytest.mark.parametrize(
-  'corrupt',
-  [truncate_every_file, lambda checkpoint: os.remove(os.path.join(checkpoint, 'default', '_METADATA'))],
-  ids=['truncated', 'metadata_removed'],  # Orbax reads the second as an empty tree, which is not another model.
+  'corrupt, cause',
+  [
+    (truncate_every_file, r'JSONDecodeError: .*'),
+    (lambda checkpoint: os.remove(os.path.join(checkpoint, 'default', '_METADATA')), r'ValueError: .* no arrays .*'),
+    # TensorStore's own first line, naming the array; orbax's wrapper's is a repr of the array's 60-line spec.
+    (truncate_array_data, r'ValueError: [A-Z_]+: Error reading "(params|opt_state)\.[^"]+" in OCDBT database .*'),
+  ],
+  ids=['truncated', 'metadata_removed', 'array_data_truncated'],  # Orbax reads a missing _METADATA as an empty tree.
 )
-def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run, tmp_path, corrupt, caplog):
+def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run, tmp_path, corrupt, cause, caplog):
   workdir, state, _ = short_run
   workdir = shutil.copytree(workdir, str(tmp_path / 'run'))
   corrupt(os.path.join(workdir, 'checkpoints', '124'))
@@ -384,7 +396,7 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run,
   with caplog.at_level('ERROR'):
     resumed, _ = train.train_and_evaluate(short_config(), workdir)
   assert re.search(
-    r'Checkpoint 124 cannot be read .*; moving it to .*corrupt_checkpoints/124 and resuming from '
+    rf'Checkpoint 124 cannot be read \({cause}\); moving it to .*corrupt_checkpoints/124 and resuming from '
     r'checkpoint 93\.',
     caplog.text,
   )
