@@ -203,9 +203,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
 def _first_line_of_root_cause(error: BaseException) -> str:
   """'Type: first line' of the innermost error that `error` chains, at most 300 characters.
 
-  Orbax wraps TensorStore's error, which names the file and what is wrong with it ('OUT_OF_RANGE: Error reading
-  "params.fc1.kernel/0.0" ...'), in one whose first line is a repr of the array's 60-line spec; the raise that
-  reports it chains the whole.
+  Orbax wraps TensorStore's error, which names the array and what is wrong with it ('OUT_OF_RANGE: Error reading
+  "params.fc1.kernel/0.0" ...'), in one whose first line names a slice and then starts a 60-line repr of the
+  array's spec; the raise that reports it chains the whole.
   """
   seen = {id(error)}
   while error.__cause__ is not None and id(error.__cause__) not in seen:  # `raise ... from`: what it was caused by.

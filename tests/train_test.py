@@ -383,7 +383,7 @@ def truncate_array_data(checkpoint):
   [
     (truncate_every_file, r'JSONDecodeError: .*'),
     (lambda checkpoint: os.remove(os.path.join(checkpoint, 'default', '_METADATA')), r'ValueError: .* no arrays .*'),
-    # TensorStore's own first line, naming the array; orbax's wrapper's is a repr of the array's 60-line spec.
+    # TensorStore's own first line, naming the array; orbax's wrapper's names a slice and starts a repr of a spec.
     (truncate_array_data, r'ValueError: [A-Z_]+: Error reading "(params|opt_state)\.[^"]+" in OCDBT database .*'),
   ],
   ids=['truncated', 'metadata_removed', 'array_data_truncated'],  # Orbax reads a missing _METADATA as an empty tree.
