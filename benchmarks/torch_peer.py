@@ -152,6 +152,7 @@ def measure(
   warmup_steps: int = 5,
   threads: int = 2,
   learning_rate: float = 0.01,
+  device: str = 'cpu',
 ) -> dict:
   """Training images/s of one variant: the median, min and max over `repeats` timings of `steps` steps each.
 
@@ -161,7 +162,7 @@ def measure(
   result = dict(variant=variant, batch_size=batch_size, channels=channels, threads=threads, error=None)
   try:
     start = time.perf_counter()
-    run = prepare(batch_size, channels, variant, warmup_steps, threads, learning_rate=learning_rate)
+    run = prepare(batch_size, channels, variant, warmup_steps, threads, learning_rate=learning_rate, device=device)
     result['warmup_seconds'] = time.perf_counter() - start
     rates = [batch_size * steps / run(steps) for _ in range(repeats)]
   except Exception as e:  # torch.compile can fail in many ways (no compiler, dynamo errors).
@@ -182,7 +183,7 @@ def main(argv):
     for batch_size in map(int, FLAGS.batch_sizes):
       for variant in FLAGS.variants:
         steps = max(10, FLAGS.images_per_repeat // batch_size)
-        r = measure(batch_size, channels, variant, steps, FLAGS.repeats, threads=FLAGS.threads)
+        r = measure(batch_size, channels, variant, steps, FLAGS.repeats, threads=FLAGS.threads, device=FLAGS.device)
         if r['error']:
           print(f'C={channels} B={batch_size:5} {variant:22} failed: {r["error"]}', flush=True)
           continue
@@ -205,5 +206,6 @@ if __name__ == '__main__':
   )
   flags.DEFINE_integer('images_per_repeat', 8192, 'Images per timed repeat (at least 10 steps).', lower_bound=1)
   flags.DEFINE_integer('threads', 2, 'torch.set_num_threads.', lower_bound=1)
+  flags.DEFINE_enum('device', 'cpu', ['cpu', 'cuda'], 'Where the peer trains (throughput.py chooses as jax runs).')
   FLAGS = flags.FLAGS
   app.run(main)
