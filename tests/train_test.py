@@ -371,22 +371,13 @@ def truncate_every_file(checkpoint):
         f.truncate(max(os.path.getsize(os.path.join(root, name)) // 2, 1))
 
 
-def truncate_array_data(checkpoint):
-  # Only the arrays' bytes: the metadata reads, and TensorStore's error surfaces wrapped in orbax's.
-  data = os.path.join(checkpoint, 'default', 'ocdbt.process_0', 'd')
-  for name in os.listdir(data):
-    os.truncate(os.path.join(data, name), 10)
-
-
 @pytest.mark.parametrize(
   'corrupt, cause',
   [
     (truncate_every_file, r'JSONDecodeError: .*'),
     (lambda checkpoint: os.remove(os.path.join(checkpoint, 'default', '_METADATA')), r'ValueError: .* no arrays .*'),
-    # TensorStore's own first line, naming the array; orbax's wrapper's names a slice and starts a repr of a spec.
-    (truncate_array_data, r'ValueError: [A-Z_]+: Error reading "(params|opt_state)\.[^"]+" in OCDBT database .*'),
   ],
-  ids=['truncated', 'metadata_removed', 'array_data_truncated'],  # Orbax reads a missing _METADATA as an empty tree.
+  ids=['truncated', 'metadata_removed'],  # Orbax reads a missing _METADATA as an empty tree, not another model's.
 )
 def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run, tmp_path, corrupt, cause, caplog):
   workdir, state, _ = short_run
@@ -469,6 +460,27 @@ def test_a_checkpoint_that_fails_to_restore_with_an_io_error_is_unreadable(short
 
   monkeypatch.setattr(workdir_lib.ocp.CheckpointManager, 'restore', failing_restore)
   with pytest.raises(RuntimeError, match=r'checkpoint at step 124 .* cannot be read \(OSError.*Older checkpoints'):
+    train.load_params(short_config(), short_run[0])
+
+
+def test_an_unreadable_checkpoint_is_reported_by_the_error_at_the_root_of_its_chain(short_run, monkeypatch):
+  # As orbax 0.12 reports an array whose bytes are damaged (the metadata reading fine): its own error, whose first
+  # line names a slice and starts a 60-line repr of the array's spec, raised from TensorStore's, which names the
+  # array and what is wrong with it. (A real one fails so too, but orbax leaves the restore's other reads to report
+  # their errors as they finish and are collected: into later tests.)
+  def failing_restore(manager, step, args):
+    damage = ValueError(
+      'OUT_OF_RANGE: Error reading "params.fc1.kernel/0.0" in OCDBT database at local file "/w/checkpoints/124/'
+      'default/": Requested byte range [0, 55597) is not valid for value of size 10'
+    )
+    raise Exception(
+      'Encountered error while reading array index: (slice(0, 150, 1), slice(0, 100, 1)). See full TensorStore '
+      "details: <bound method spec of TensorStore({\n  'base': {\n    'driver': 'zarr',\n  },\n})>."
+    ) from damage
+
+  monkeypatch.setattr(workdir_lib.ocp.CheckpointManager, 'restore', failing_restore)
+  cause = r'ValueError: OUT_OF_RANGE: Error reading "params\.fc1\.kernel/0\.0" .* not valid for value of size 10'
+  with pytest.raises(RuntimeError, match=rf'checkpoint at step 124 .* cannot be read \({cause}\)\. Older'):
     train.load_params(short_config(), short_run[0])
 
 
