@@ -18,10 +18,11 @@ Warm-up is excluded; each variant is timed `--repeats` times, interleaved with t
 hits all alike, and reported as median (min-max). The ratio to PyTorch is the median over repeats of each repeat's
 ratio to the best PyTorch variant in that repeat. Each row also gives its process CPU time per wall second (2.0: both
 threads busy all along): PyTorch's threads wait for each other at every op, so load from other processes slows it
-far more than XLA, and a figure well under the thread count flags a disturbed run. The process is pinned to `--threads`
-CPUs, so that XLA's thread pool and PyTorch's both have that many (--nopin_cpus on a GPU or TPU host). Each tinycnn row
-gives the compile time of the program it times: `train_step` (vmapped in sweep8), or the whole epoch's scan in the epoch
-modes. Results are also saved as JSON, in a new file per run, with the versions and every flag's value; a run stopped
+far more than XLA, and a figure of the CPU peer's well under the thread count flags a disturbed run (on a GPU, one
+thread launches the peer's kernels: about 1.0). The process is pinned to `--threads` CPUs, so that XLA's thread pool
+and PyTorch's both have that many (--nopin_cpus on a GPU or TPU host). Each tinycnn row gives the compile time of the
+program it times: `train_step` (vmapped in sweep8), or the whole epoch's scan in the epoch modes. Results are also
+saved as JSON, in a new file per run, with the versions and every flag's value; a run stopped
 early saves the rows it measured, marked "complete": false; a row keeps each repeat's rate, in the order run, and
 the images a repeat trains (model-images in the sweeps). The `peak` line times a 4096x4096 fp32 matmul, the machine's
 practical peak; GFLOP/s count the nominal FLOPs of `model.layer_info`.
