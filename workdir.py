@@ -149,8 +149,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
   with nothing set aside. With `set_aside_corrupt`, a latest checkpoint that cannot be read is moved to
   workdir/corrupt_checkpoints/ (never deleted) and the previous one is used (with none, the run starts again from
   step 0); a second unreadable one stops the run, since that points to a cause other than an interrupted write.
-  Running out of memory or lacking permission to read is raised as it is, with nothing moved: the checkpoint may be
-  sound.
+  Running out of memory or lacking permission to read is raised, with nothing moved: the checkpoint may be sound.
   """
   check_compatible(manager, abstract_state)  # Before an unreadable checkpoint could be set aside.
   steps = sorted(manager.all_steps(), reverse=True)
@@ -161,9 +160,16 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
       return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except (IncompatibleCheckpointError, MemoryError, PermissionError):
       raise  # Another model's, or a process that cannot read it now: no sign the checkpoint itself is damaged.
-    except Exception as error:  # noqa: BLE001 -- any other read failure means this checkpoint is unusable.
+    except Exception as error:  # noqa: BLE001 -- judged by the error at its root.
+      root = _root_cause(error)
+      cause = f'{type(root).__name__}: {(str(root).splitlines() or [""])[0]}'[:300]  # The raises chain it whole.
+      if isinstance(root, (MemoryError, PermissionError)) or str(root).startswith(CANNOT_READ_NOW):
+        raise RuntimeError(  # The same as above, as TensorStore reports it under orbax's error.
+          f'The checkpoint at step {step} in {manager.directory} cannot be read by this process ({cause}); it was '
+          'left where it is, since the checkpoint itself may be sound.'
+        ) from error
+      # Any other read failure means this checkpoint is unusable.
       older = sorted(s for s in steps if s < step)
-      cause = _first_line_of_root_cause(error)
       if not set_aside_corrupt or set_aside:
         untried = f' Older checkpoints, not tried: {older}.' if older else ' There is no older checkpoint.'
         if set_aside:
@@ -200,18 +206,22 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, workdir: 
   return None
 
 
-def _first_line_of_root_cause(error: BaseException) -> str:
-  """'Type: first line' of the innermost error that `error` chains, at most 300 characters.
+# TensorStore's status codes for a read that this process cannot make now, of a checkpoint that may be sound.
+CANNOT_READ_NOW = ('PERMISSION_DENIED:', 'RESOURCE_EXHAUSTED:')
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  """The innermost error that `error` was raised from (`raise ... from`).
 
   Orbax wraps TensorStore's error, which names the array and what is wrong with it ('OUT_OF_RANGE: Error reading
-  "params.fc1.kernel/0.0" ...'), in one whose first line names a slice and then starts a 60-line repr of the
-  array's spec; the raise that reports it chains the whole.
+  "params.fc1.kernel/0.0" ...' or 'PERMISSION_DENIED: ...'), in one whose first line names a slice and then starts
+  a 60-line repr of the array's spec.
   """
   seen = {id(error)}
-  while error.__cause__ is not None and id(error.__cause__) not in seen:  # `raise ... from`: what it was caused by.
+  while error.__cause__ is not None and id(error.__cause__) not in seen:
     error = error.__cause__
     seen.add(id(error))
-  return f'{type(error).__name__}: {(str(error).splitlines() or [""])[0]}'[:300]
+  return error
 
 
 CONFIG_NAME = re.compile(r'config(?:_step(\d+)(?:_(\d+))?)?\.json')

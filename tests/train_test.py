@@ -437,18 +437,47 @@ def test_a_run_restarting_from_scratch_after_its_only_checkpoint_was_set_aside_m
   assert_trees_bitwise_equal(params, state.params)
 
 
-@pytest.mark.parametrize('error', [MemoryError, PermissionError])
-def test_a_checkpoint_that_fails_to_restore_for_want_of_memory_or_permission_is_not_set_aside(
-  short_run, tmp_path, monkeypatch, error
-):
-  workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
-  checkpoints = file_digests(os.path.join(workdir, 'checkpoints'))
+def raising(error):
+  """A restore that fails with `error`."""
 
   def failing_restore(manager, step, args):
     raise error(f'cannot restore checkpoint {step} now')
 
+  return failing_restore
+
+
+def read_by_orbax(status):
+  """A restore that fails as orbax 0.12 reports TensorStore's `status` for an array: in its own error, whose first
+  line names a slice and then starts a 60-line repr of the array's spec, raised from TensorStore's, which names the
+  array and what is wrong with it."""
+
+  def failing_restore(manager, step, args):
+    raise Exception(
+      'Encountered error while reading array index: (slice(0, 150, 1), slice(0, 100, 1)). See full TensorStore '
+      "details: <bound method spec of TensorStore({\n  'base': {\n    'driver': 'zarr',\n  },\n})>."
+    ) from ValueError(f'{status}: Error reading "params.fc1.kernel/0.0" in OCDBT database at local file "/w/{step}/"')
+
+  return failing_restore
+
+
+@pytest.mark.parametrize(
+  'failing_restore, error, message',
+  [
+    (raising(MemoryError), MemoryError, 'cannot restore checkpoint 124 now'),
+    (raising(PermissionError), PermissionError, 'cannot restore checkpoint 124 now'),
+    # As TensorStore reports them: a file this process may not open, or memory it lacks.
+    (read_by_orbax('PERMISSION_DENIED'), RuntimeError, r'124 .* by this process \(ValueError: PERMISSION_DENIED: '),
+    (read_by_orbax('RESOURCE_EXHAUSTED'), RuntimeError, r'124 .* by this process \(ValueError: RESOURCE_EXHAUSTED: '),
+  ],
+  ids=['MemoryError', 'PermissionError', 'tensorstore_permission_denied', 'tensorstore_resource_exhausted'],
+)
+def test_a_checkpoint_that_fails_to_restore_for_want_of_memory_or_permission_is_not_set_aside(
+  short_run, tmp_path, monkeypatch, failing_restore, error, message
+):
+  workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
+  checkpoints = file_digests(os.path.join(workdir, 'checkpoints'))
   monkeypatch.setattr(workdir_lib.ocp.CheckpointManager, 'restore', failing_restore)
-  with pytest.raises(error, match='cannot restore checkpoint 124 now'):
+  with pytest.raises(error, match=message):
     train.train_and_evaluate(short_config(), workdir)
   assert not os.path.exists(os.path.join(workdir, 'corrupt_checkpoints'))
   assert file_digests(os.path.join(workdir, 'checkpoints')) == checkpoints  # The sound checkpoint 124 stays.
@@ -464,22 +493,12 @@ def test_a_checkpoint_that_fails_to_restore_with_an_io_error_is_unreadable(short
 
 
 def test_an_unreadable_checkpoint_is_reported_by_the_error_at_the_root_of_its_chain(short_run, monkeypatch):
-  # As orbax 0.12 reports an array whose bytes are damaged (the metadata reading fine): its own error, whose first
-  # line names a slice and starts a 60-line repr of the array's spec, raised from TensorStore's, which names the
-  # array and what is wrong with it. (A real one fails so too, but orbax leaves the restore's other reads to report
-  # their errors as they finish and are collected: into later tests.)
-  def failing_restore(manager, step, args):
-    damage = ValueError(
-      'OUT_OF_RANGE: Error reading "params.fc1.kernel/0.0" in OCDBT database at local file "/w/checkpoints/124/'
-      'default/": Requested byte range [0, 55597) is not valid for value of size 10'
-    )
-    raise Exception(
-      'Encountered error while reading array index: (slice(0, 150, 1), slice(0, 100, 1)). See full TensorStore '
-      "details: <bound method spec of TensorStore({\n  'base': {\n    'driver': 'zarr',\n  },\n})>."
-    ) from damage
-
-  monkeypatch.setattr(workdir_lib.ocp.CheckpointManager, 'restore', failing_restore)
-  cause = r'ValueError: OUT_OF_RANGE: Error reading "params\.fc1\.kernel/0\.0" .* not valid for value of size 10'
+  # An array whose bytes are damaged, the metadata reading fine. (A real one fails so too, but orbax leaves the
+  # restore's other reads to report their errors as they finish and are collected: into later tests.)
+  monkeypatch.setattr(workdir_lib.ocp.CheckpointManager, 'restore', read_by_orbax('OUT_OF_RANGE'))
+  cause = (
+    r'ValueError: OUT_OF_RANGE: Error reading "params\.fc1\.kernel/0\.0" in OCDBT database at local file "/w/124/"'
+  )
   with pytest.raises(RuntimeError, match=rf'checkpoint at step 124 .* cannot be read \({cause}\)\. Older'):
     train.load_params(short_config(), short_run[0])
 
