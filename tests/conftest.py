@@ -10,19 +10,24 @@ import pytest
 # run a test starts as a subprocess share it. Much of the tests' time went to compiling the same programs again:
 # train_and_evaluate jits afresh on each run, and each subprocess starts cold. A program read from the cache is the
 # executable a fresh compile would give (its key covers the program, compile options and XLA flags), so no result
-# changes. A fresh directory, not the user's cache: the tests neither depend on nor fill one.
-_COMPILATION_CACHE_DIR = tempfile.mkdtemp(prefix='tinycnn_test_jax_cache_')
-os.environ.update(
-  JAX_COMPILATION_CACHE_DIR=_COMPILATION_CACHE_DIR,
-  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
-)
+# changes. A fresh directory, not the user's cache: the tests neither depend on nor fill one. Under `pytest -n`
+# (pytest-xdist) the controlling process names it, and its workers, started with its environment, share it.
+_IS_XDIST_WORKER = 'PYTEST_XDIST_WORKER' in os.environ
+if not _IS_XDIST_WORKER:
+  os.environ.update(
+    JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix='tinycnn_test_jax_cache_'),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
+  )
+# Each test process, and each run a test starts, then takes only the GPU memory it uses, not 75% of it each.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 import input_pipeline  # noqa: E402 -- after the cache is named.
 
 
 def pytest_unconfigure(config):
-  shutil.rmtree(_COMPILATION_CACHE_DIR, ignore_errors=True)
+  if not _IS_XDIST_WORKER:
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
 @pytest.fixture
