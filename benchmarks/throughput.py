@@ -210,10 +210,11 @@ def main(argv):
     try:
       measure(results)
       results['complete'] = True
-    except SystemError as error:
+    except Exception as error:
       if not isinstance(error.__cause__, SystemExit):
         raise
-      # The handler's exit, raised while Python code ran inside a C call (numpy's dtype check, say), which wrapped it.
+      # The handler's exit, raised while Python code ran inside a C call that wrapped it: numpy's dtype check (a
+      # SystemError), or jax's comparison of pytree metadata (a ValueError), say.
       raise error.__cause__ from None
     finally:
       if results['rows']:

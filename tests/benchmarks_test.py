@@ -116,6 +116,30 @@ def test_a_throughput_run_stopped_by_sigterm_removes_its_reserved_output(tmp_pat
   assert os.listdir(tmp_path) == []  # So the same --output can be given again.
 
 
+# SIGTERM's handler raises SystemExit wherever Python code runs, which may be under a C call that wraps it as the
+# cause of its own error: numpy's dtype check raises a SystemError, jax's comparison of pytree metadata a ValueError.
+@pytest.mark.parametrize('wrapper', ['SystemError', 'ValueError'])
+def test_a_throughput_run_stopped_inside_a_c_call_exits_as_stopped_and_saves_its_rows(tmp_path, wrapper):
+  output = tmp_path / 'results.json'
+  code = f"""
+import sys, throughput
+from absl import app
+def measure(results):
+  results['rows'].append({{'channels': 1}})
+  try:
+    raise SystemExit(143)  # As the handler of signal 15 raises it.
+  except SystemExit as stop:
+    raise {wrapper}('raised by a C call') from stop
+throughput.measure = measure
+sys.argv = ['throughput.py', '--output={output}']
+app.run(throughput.main)
+"""
+  result = subprocess.run([sys.executable, '-c', code], cwd=BENCHMARKS, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 128 + signal.SIGTERM, result.stderr
+  assert 'Stopped: saved the 1 rows measured' in result.stdout and 'raised by a C call' not in result.stderr
+  assert json.loads(output.read_text()) == {'complete': False, 'machine': {}, 'rows': [{'channels': 1}]}
+
+
 @pytest.mark.parametrize('trace_dir', ['notes', ''])
 def test_profile_step_refuses_a_trace_dir_that_cannot_be_a_directory_before_any_work(tmp_path, trace_dir):
   (tmp_path / 'notes').write_text('mine')
