@@ -314,7 +314,8 @@ def test_the_progress_line_counts_every_model_and_the_evaluation_due_at_its_step
   progress = re.findall(r'step (\d+)/16 epoch (\d+) .* ([\d.]+) steps/s (\d+) images/s  ETA (\d+) s', log)
   assert [(int(step), int(epoch)) for step, epoch, *_ in progress] == [(4, 1), (8, 1), (12, 2), (16, 2)]
   for _, _, steps_per_second, images_per_second, _ in progress:  # Images of both models: 2 x 500 a step.
-    assert int(images_per_second) == pytest.approx(float(steps_per_second) * 1000, rel=0.02)
+    # Steps/s is printed to 0.1 and images/s to 1, each rounded from the same speed.
+    assert abs(int(images_per_second) - float(steps_per_second) * 1000) <= 0.05 * 1000 + 0.5
   # After step 8: its own evaluation, step 12's and the final one, at the 1000 s of step 4's (the one-batch
   # evaluations at steps 6 and 10 are not what a full one costs).
   assert [int(eta) // 1000 for *_, eta in progress] == [0, 3, 2, 1]
@@ -992,7 +993,9 @@ def test_sigkill_then_rerun_resumes_bitwise_exactly(tmp_path):
 
   workdir = tmp_path / 'killed'
   process = run_train_py(workdir, *flags)
-  while not (workdir / 'checkpoints' / '10').is_dir():
+  checkpoints = workdir / 'checkpoints'
+  # Any checkpoint, not 10 itself: a run slowed by other processes may be seen only after it was deleted (at 40).
+  while not (checkpoints.is_dir() and any(name.isdigit() for name in os.listdir(checkpoints))):
     assert process.poll() is None, process.stderr.read()
     time.sleep(0.01)
   time.sleep(random.uniform(0.0, 0.5))  # Anywhere in the run: mid-step, mid-save or mid-log.
