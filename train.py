@@ -791,17 +791,25 @@ def _fmt(value: np.ndarray) -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a --config file that is not there or has no get_config(), or a --config.<field> the
-  config lacks, reported as a usage error, not a traceback."""
+  """absl's flag parsing, with a --config file that is not there, given twice or has no get_config(), or a
+  --config.<field> the config lacks, reported as a usage error, not a traceback."""
   # A --flagfile's flags count as if given in its place, as absl reads them. (ml_collections has read the flag
   # files once already, when the --config flag was defined, so they can be opened.)
   args = [argv[0], *flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)]
-  config_value = None  # The last --config given wins, as in absl, which takes -config too.
+  config_values = []  # absl takes -config too.
   for before, arg in itertools.pairwise(args[: args.index('--')] if '--' in args else args):  # '--' ends the flags.
     if arg.startswith(('--config=', '-config=')):
-      config_value = arg.partition('=')[2]
+      config_values.append(arg.partition('=')[2])
     elif before in ('--config', '-config'):
-      config_value = arg
+      config_values.append(arg)
+  if len(config_values) > 1:
+    # ml_collections loads a later file into the earlier one's module, so a file without get_config() would run the
+    # earlier config unannounced, and each --config.<field> would be defined twice.
+    sys.exit(
+      f'FATAL Flags parsing error: --config is given {len(config_values)} times ({", ".join(config_values)}); give '
+      'one config file, and change its fields with --config.<field>=value.'
+    )
+  config_value = config_values[0] if config_values else None
   config_file = None if config_value is None else config_value.split(':', 1)[0]  # path:argument, as ml_collections.
   if config_file is not None and not os.path.isfile(config_file):
     # ml_collections would report it at the config's first use, or call each --config.<field> an unknown flag.

@@ -1347,6 +1347,11 @@ MISSING_CONFIG = f'there is no file configs/nope.py; see {REPO}/configs/.'
     (['-config=configs/nope.py'], f'--config=configs/nope.py: {MISSING_CONFIG}'),
     (['--config=configs'], '--config=configs: there is no file configs;'),  # A directory.
     (['--config=model.py'], '--config=model.py: model.py has no get_config(); a config file returns its ConfigDict'),
+    # ml_collections would run the first file's config, having loaded the second into its module.
+    (['--config=configs/default.py', '--config=model.py'], '--config is given 2 times (configs/default.py, model.py)'),
+    # ml_collections would define --config.num_epochs once for each file, and fail on the second.
+    (['--config=configs/cifar10.py', '-config', 'configs/default.py', '--config.num_epochs=1'],
+     '--config is given 2 times (configs/cifar10.py, configs/default.py); give one config file'),
     # One given in a flag file, which absl reads in place of --flagfile.
     (['--flagfile={flagfile}'], f'--config=configs/nope.py: {MISSING_CONFIG}'),
     # After '--' it is an argument, not a flag.
@@ -1354,7 +1359,8 @@ MISSING_CONFIG = f'there is no file configs/nope.py; see {REPO}/configs/.'
     (['--multihost'], '--multihost could not join a cluster (coordinator_address should be defined.)'),
   ],
   ids=['process_flags_without_multihost', 'mistyped_config_field', 'missing_config_file', 'missing_config_file_spaced',
-       'missing_config_file_one_dash', 'config_directory', 'not_a_config_file', 'missing_config_file_in_flagfile',
+       'missing_config_file_one_dash', 'config_directory', 'not_a_config_file', 'second_file_not_a_config',
+       'two_configs_with_an_override', 'missing_config_file_in_flagfile',
        'config_after_dashes', 'multihost_alone'],
 )  # fmt: skip
 def test_bad_flags_are_refused_by_name_before_any_work(tmp_path, flags, message):
@@ -1362,8 +1368,7 @@ def test_bad_flags_are_refused_by_name_before_any_work(tmp_path, flags, message)
   flagfile.write_text('--config=configs/nope.py\n')
   # Without the variables by which JAX would find a SLURM, Open MPI or Kubernetes cluster to join.
   environment = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_', 'KUBERNETES_'))}
-  # ml_collections loads a second --config file into the first one's module, where the first's get_config() stays.
-  config = [] if flags[0].startswith('--config=') else ['--config=configs/default.py']
+  config = [] if flags[0].startswith(('--config=', '-config', '--flagfile=')) else ['--config=configs/default.py']
   result = subprocess.run(
     [sys.executable, 'train.py', *config, f'--workdir={tmp_path / "run"}',
      *(flag.format(flagfile=flagfile) for flag in flags)],
