@@ -1241,28 +1241,31 @@ def run_two_processes(script, tmp_path, *args):
 
   Returns each process's (stdout, stderr); fails with both stderr tails if either fails or they outlast 300 s.
   """
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    port = s.getsockname()[1]
   # A proxy setting can keep the processes from reaching their coordinator on localhost.
   environment = {name: value for name, value in os.environ.items() if not name.lower().endswith('_proxy')}
   environment.update(JAX_PLATFORMS='cpu', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
   logs = [(tmp_path / f'process_{i}.out', tmp_path / f'process_{i}.err') for i in range(2)]
-  processes = []
-  for i, (out, err) in enumerate(logs):
-    with open(out, 'w') as stdout, open(err, 'w') as stderr:  # The child keeps its own handles.
-      command = [sys.executable, '-c', script, f'localhost:{port}', str(i), *args]
-      processes.append(subprocess.Popen(command, cwd=REPO, env=environment, stdout=stdout, stderr=stderr))
-  deadline = time.monotonic() + 300
-  try:
-    for process in processes:
-      process.wait(timeout=max(deadline - time.monotonic(), 1))
-  except subprocess.TimeoutExpired:
-    pass
-  finally:
-    for process in processes:
-      process.kill()
-      process.wait()
+  # The port stays bound until both processes end, with SO_REUSEPORT as the coordinator's gRPC server binds it, so
+  # that no other process (another test's, under -n 2) can take it between its choice here and the coordinator's bind.
+  with socket.socket() as reservation:
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reservation.bind(('localhost', 0))
+    port = reservation.getsockname()[1]
+    processes = []
+    for i, (out, err) in enumerate(logs):
+      with open(out, 'w') as stdout, open(err, 'w') as stderr:  # The child keeps its own handles.
+        command = [sys.executable, '-c', script, f'localhost:{port}', str(i), *args]
+        processes.append(subprocess.Popen(command, cwd=REPO, env=environment, stdout=stdout, stderr=stderr))
+    deadline = time.monotonic() + 300
+    try:
+      for process in processes:
+        process.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+      pass
+    finally:
+      for process in processes:
+        process.kill()
+        process.wait()
   outputs = [(out.read_text(), err.read_text()) for out, err in logs]
   codes = [process.returncode for process in processes]
   failures = [f'process {i} exited with {code}:\n{outputs[i][1][-2000:]}' for i, code in enumerate(codes) if code]
