@@ -498,8 +498,14 @@ def run(experiment: str, out_dir: str, num_epochs: int) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  workdir_lib.make_directory(flags.FLAGS.out_dir, '--out_dir', app.UsageError)  # Now, not after training.
   train.tune_cpu_runtime()
+  batch_size, num_devices = default.get_config().batch_size, jax.device_count()
+  if batch_size % num_devices:  # The batch is split over the devices, and it has no flag here.
+    raise app.UsageError(
+      f"every run trains with the default config's batch of {batch_size}, which does not divide over the "
+      f'{num_devices} devices; make 1, 2, 4, ... of them visible (CUDA_VISIBLE_DEVICES=0, say).'
+    )
+  workdir_lib.make_directory(flags.FLAGS.out_dir, '--out_dir', app.UsageError)  # Now, not after training.
   run(flags.FLAGS.experiment, flags.FLAGS.out_dir, flags.FLAGS.num_epochs)
 
 

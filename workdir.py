@@ -15,6 +15,7 @@ import logging as std_logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 
 import jax
@@ -119,13 +120,18 @@ def check_directory_path(path: str, setting: str, advice: str, error: type[Excep
 
 
 def make_directory(path: str, setting: str, error: type[Exception] = ValueError) -> None:
-  """os.makedirs(path), raising `error` that names the `setting` when the path cannot be a directory, so that it is
-  refused before any work rather than as an OSError after it."""
+  """os.makedirs(path), raising `error` that names the `setting` when the path cannot be a directory or a file cannot
+  be written in it, so that it is refused before any work rather than as an OSError after it."""
   check_directory_path(path, setting, 'name a directory', error)
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as reason:
     raise error(f'{setting}={path!r} cannot be made ({reason}); name a directory that can.') from None
+  try:
+    with tempfile.TemporaryFile(dir=path):  # Removed on closing: nothing is left in the directory.
+      pass
+  except OSError as reason:
+    raise error(f'{setting}={path!r} cannot be written to ({reason}); name a directory that can.') from None
 
 
 def check_compatible(manager: ocp.CheckpointManager, abstract_state) -> None:

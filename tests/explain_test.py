@@ -55,6 +55,12 @@ def test_a_picture_of_an_earlier_run_is_kept(tmp_path):
     ('notes', "notes' is not a directory; name a directory."),  # Before any training.
     ('', "--out_dir='' is empty; name a directory."),
     ('notes/explain', 'cannot be made ([Errno 20] Not a directory'),  # Before any training.
+    # A directory in which no file can be made: the PNG could not be saved after the training.
+    pytest.param(
+      '/proc',
+      "--out_dir='/proc' cannot be written to",
+      marks=pytest.mark.skipif(not sys.platform.startswith('linux'), reason="Linux's /proc"),
+    ),
   ],
 )
 def test_an_out_dir_that_cannot_be_a_directory_is_refused_before_any_training(tmp_path, out_dir, message):
@@ -66,8 +72,35 @@ def test_an_out_dir_that_cannot_be_a_directory_is_refused_before_any_training(tm
   assert os.listdir(tmp_path) == ['notes'] and (tmp_path / 'notes').read_text() == 'mine'
 
 
-def test_flatten_orders_follow_one_loss_curve(tmp_path):
+def test_a_device_count_that_does_not_divide_the_batch_is_refused_by_name_before_any_training(tmp_path):
+  # explain.py has no batch-size flag: the advice is about the devices, not config.batch_size.
+  script = os.path.join(os.path.dirname(explain.__file__), 'explain.py')
+  command = [sys.executable, script, '--experiment=flatten', f'--out_dir={tmp_path / "explain"}']
+  environment = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=6')
+  result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert "the default config's batch of 64, which does not divide over the 6 devices" in result.stderr
+  assert os.listdir(tmp_path) == []
+
+
+def test_flatten_orders_follow_one_loss_curve(tmp_path, monkeypatch):
+  images = input_pipeline.load_split(explain.make_config(1), 'test')['image'][:16]
+  fit, runs = explain.fit, []
+
+  def recording_fit(config, state, data, fill=None):
+    # Before the fit, which takes the state's arrays (donated).
+    logits = np.asarray(state.apply_fn({'params': state.params}, images)) if config.num_models == 1 else None
+    runs.append((config.model.flatten_order, config.num_models, logits, np.asarray(state.params['fc1']['kernel'])))
+    return fit(config, state, data, fill)
+
+  monkeypatch.setattr(explain, 'fit', recording_fit)
   results = explain.flatten(str(tmp_path), num_epochs=1, num_seeds=2)
+  # Each order trains once from the shared start and once as a sweep of 2 seeds of its own.
+  assert [run[:2] for run in runs] == [(order, k) for order in explain.ORDERS for k in (1, 2)]
+  (_, _, hwc_logits, hwc_kernel), *others = (run for run in runs if run[1] == 1)
+  for order, _, logits, kernel in others:  # Another flatten order, fc1's rows permuted: the same function.
+    assert not np.array_equal(kernel, hwc_kernel), order
+    np.testing.assert_allclose(logits, hwc_logits, rtol=0, atol=1e-5, err_msg=order)
   # The fact: the same initial function, trained on the same batches and shifts, follows one loss curve whatever the
   # flatten order: to float32 rounding at first (fc1 sums its 150 products in another order), and a wrong
   # permutation would differ from the first step. Rounding differences then compound, and can tip a near-tie (a
