@@ -5,10 +5,10 @@
 The config is the last one the workdir's runs saved (config.json, or the latest config_step<N>.json) and the
 parameters come from the workdir's latest checkpoint; without one, a fresh init is drawn and every title says so. An
 existing empty directory draws a fresh init of configs/default.py; one holding files but no saved config is refused,
-as are an --out_dir that holds files and a --model the workdir does not hold. The image is test example --index of
-the config's dataset. When <workdir>/metrics.jsonl holds rows, the learning curves are drawn too. The PNGs go to
-<workdir>/pictures/test_example_<index>[_model_<k>]/ (or, when that is there already, <folder>_2/, _3, ...), unless
---out_dir names a new or empty directory for them.
+as are an --out_dir that holds files, a --model the workdir does not hold and an --index outside the test split.
+The image is test example --index of the config's dataset. When <workdir>/metrics.jsonl holds rows, the learning
+curves are drawn too. The PNGs go to <workdir>/pictures/test_example_<index>[_model_<k>]/ (or, when that is there
+already, <folder>_2/, _3, ...), unless --out_dir names a new or empty directory for them.
 """
 
 import os
@@ -196,10 +196,10 @@ def write_pictures(workdir: str, out_dir: str | None = None, index: int = 0, mod
       )
   config = load_config(workdir)
   _check_model_index(config.get('num_models', 1), model_index)
-  if out_dir is not None:  # Now, rather than after the checkpoint is read and the example drawn.
+  image, label = input_pipeline.load_example(config, 'test', index)  # Which refuses an index outside the split.
+  if out_dir is not None:  # Now, rather than after the checkpoint is read.
     workdir_lib.make_directory(out_dir, '--out_dir')
   params, source = load_params(config, workdir, model_index)
-  image, label = input_pipeline.load_example(config, 'test', index)
   if out_dir is None:
     # One folder per drawing, so that drawing another example or model keeps the pictures already drawn, and one
     # drawn again (of a later checkpoint, say) goes to <folder>_2, ...

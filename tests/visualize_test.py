@@ -97,6 +97,18 @@ def test_an_out_dir_that_is_not_a_new_or_empty_directory_is_refused_before_anyth
   assert os.listdir(tmp_path / 'drawn') == ['09_probabilities.png'] and os.listdir(tmp_path / 'run') == []
 
 
+def test_an_index_outside_the_test_split_is_refused_before_the_out_dir_is_made_or_a_checkpoint_read(
+  tmp_path, monkeypatch
+):
+  (tmp_path / 'run').mkdir()  # An empty workdir: the default config, whose test split holds 1,000 digits.
+  monkeypatch.setattr(visualize, 'load_params', lambda *args: pytest.fail('a checkpoint was read'))
+  with pytest.raises(
+    ValueError, match=r'^index=1000 is not valid; the embedded_mnist test split has examples 0 to 999'
+  ):
+    visualize.write_pictures(str(tmp_path / 'run'), out_dir=str(tmp_path / 'pictures'), index=1000)
+  assert os.listdir(tmp_path) == ['run'] and os.listdir(tmp_path / 'run') == []
+
+
 def test_a_directory_of_files_without_a_saved_config_is_not_drawn_into(trained_workdir):
   # Say, the run's checkpoints/ folder given for the run: a fresh init drawn there would pass for its pictures.
   checkpoints = os.path.join(trained_workdir, 'checkpoints')
@@ -186,6 +198,7 @@ def test_flatten_bars_are_coloured_by_source_channel_and_rows_marked():
     positions = np.arange(25 * channel, 25 * channel + 25)
     np.testing.assert_array_equal([bar.get_x() + bar.get_width() / 2 for bar in bars], positions)
     np.testing.assert_array_equal([bar.get_height() for bar in bars], vector[positions])
+    assert {bar.get_facecolor() for bar in bars} == {matplotlib.colors.to_rgba(f'C{channel}')}
   assert not ax.texts  # Each row h is spread over the vector: no row markers.
   ax = visualize._draw_flatten(vector, volume, model.flatten_permutation('hwc', volume, 0)).axes[0]
   assert [(text.get_text(), text.get_position()[0]) for text in ax.texts] == [
