@@ -99,7 +99,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   model.create_model), or a setting configs/default.py does not have or that `config` lacks. The checks that need a
   split's size (batch_size, validation_size, a warmup under one step, epoch-mode cadences) are train_and_evaluate's."""
   # A config file's misspelt setting would otherwise pass unread, and its run train with the default value.
-  settings = sorted(default.get_config().keys())
+  defaults = default.get_config()
+  settings = sorted(defaults.keys())
   unknown, missing = sorted(set(config.keys()) - set(settings)), sorted(set(settings) - set(config.keys()))
   if unknown:
     close = difflib.get_close_matches(unknown[0], settings, n=1)
@@ -107,6 +108,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f'config has no setting {unknown[0]}{f" (did you mean {close[0]}?)" if close else ""}; the settings are '
       f"configs/default.py's: {settings}."
     )
+  # And one dropped from config.model would train with model.CNN's default, which the saved config would not record.
+  missing = missing or [f'model.{name}' for name in sorted(set(defaults.model.keys()) - set(config.model.keys()))]
   if missing:
     raise ValueError(
       f'config.{missing[0]} is missing; a config needs every setting of configs/default.py, so build it from '
