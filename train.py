@@ -635,7 +635,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   eval_fn = jitted_eval.lower(state.params, eval_batch).compile()
   compile_seconds = time.perf_counter() - compile_start
 
-  writer = workdir_lib.MetricWriter(workdir, config.num_models)
+  writer = workdir_lib.MetricWriter(workdir, config.num_models, start_step)
   pending = []  # (step, metrics) not yet checked for NaN, logged or checkpointed.
   eval_seconds = 0.0
   latest_full_evaluation_seconds = None  # The ETA's estimate of each evaluation to come.
@@ -702,6 +702,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     if checkpoints:
       if not evaluates:  # One batch shows parameters that overflow, at a fraction of an evaluation's cost.
         checked_evaluation(step, state.params, num_batches=1)
+      writer.sync()  # A run resumed from this checkpoint logs only the steps after it.
       workdir_lib.save_checkpoint(manager, step, state)
 
   loop_start = time.perf_counter()

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 
 import jax
@@ -337,10 +338,12 @@ class MetricWriter:
   """Writes scalars as JSON lines to workdir/metrics.jsonl (appending on resume) and to TensorBoard.
 
   A sweep of K models writes one row per model, with a "model" field, and a TensorBoard run per model
-  (workdir/model_<k>). In a multi-host run only process 0 writes.
+  (workdir/model_<k>). In a multi-host run only process 0 writes. A run that starts from `start_step` (a checkpoint's)
+  logs again the steps an earlier run logged after that checkpoint: TensorBoard then shows this run's, and hides the
+  earlier run's from start_step + 1 on (metrics.jsonl keeps both).
   """
 
-  def __init__(self, workdir: str, num_models: int = 1):
+  def __init__(self, workdir: str, num_models: int = 1, start_step: int = 0):
     self._writes = jax.process_index() == 0
     if not self._writes:
       return
@@ -355,13 +358,22 @@ class MetricWriter:
       self._jsonl.write('\n')  # A run killed mid-write left a partial line; start on a fresh one.
     self._logdirs = [workdir] if num_models == 1 else [os.path.join(workdir, f'model_{k}') for k in range(num_models)]
     self._tensorboards = []  # Opened at the first write: a run that writes nothing adds no event file.
+    self._event_files_opened = 0
+    self._start_step = start_step
 
   def write(self, step: int, split: str, scalars: dict[str, np.ndarray]) -> None:
     """Scalars of shape [] (one model) or [K] (a sweep)."""
     if not self._writes:
       return
     if not self._tensorboards:
-      self._tensorboards = [tensorboardX.SummaryWriter(logdir) for logdir in self._logdirs]
+      # tensorboardX names a file by the second it opens it, and would truncate an earlier one of the same name;
+      # TensorBoard reads a directory's event files in the order of their names, so the suffix is the time too.
+      suffix = f'.{time.time_ns()}'
+      self._event_files_opened += 1
+      purge_step = self._start_step + 1 if self._event_files_opened == 1 else None  # The run's first files mark it.
+      self._tensorboards = [
+        tensorboardX.SummaryWriter(logdir, purge_step=purge_step, filename_suffix=suffix) for logdir in self._logdirs
+      ]
     sweep = len(self._logdirs) > 1
     for k, tensorboard in enumerate(self._tensorboards):
       values = {name: float(np.reshape(value, -1)[k]) for name, value in scalars.items()}
@@ -370,9 +382,18 @@ class MetricWriter:
         tensorboard.add_scalar(f'{split}/{name}', value, step)
     self._jsonl.flush()
 
-  def close(self) -> None:
+  def sync(self) -> None:
+    """Puts every scalar written so far on disk, as a checkpoint is saved, so that a run killed later has them all
+    up to its checkpoint. metrics.jsonl is flushed at each write, but a TensorBoard writer keeps its events in a
+    queue until it closes (its flush() leaves the queue), so the writers close here; the next write opens new files.
+    """
     if not self._writes:
       return
-    self._jsonl.close()
     for tensorboard in self._tensorboards:
       tensorboard.close()
+    self._tensorboards = []
+
+  def close(self) -> None:
+    self.sync()
+    if self._writes:
+      self._jsonl.close()

@@ -992,6 +992,13 @@ def test_each_step_trains_on_the_batch_of_its_seed_epoch_and_step(fill):
   assert_trees_bitwise_equal(trained.params, expected.params)
 
 
+def tensorboard_steps(workdir, tag: str) -> list[int]:
+  """The steps of scalar `tag` that TensorBoard reads from `workdir`'s event files."""
+  events = event_accumulator.EventAccumulator(str(workdir))
+  events.Reload()
+  return [event.step for event in events.Scalars(tag)]
+
+
 def test_sigkill_then_rerun_resumes_bitwise_exactly(tmp_path):
   flags = ['--config.num_epochs=4', '--config.checkpoint_every_steps=10', '--config.log_every_steps=10']
   config = short_config(num_epochs=4, checkpoint_every_steps=10, log_every_steps=10, eval_every_steps=0)
@@ -1010,6 +1017,8 @@ def test_sigkill_then_rerun_resumes_bitwise_exactly(tmp_path):
   process.wait()
   killed_at = max(int(step) for step in os.listdir(workdir / 'checkpoints') if step.isdigit())
   assert killed_at < 248
+  # TensorBoard has every logged step up to the checkpoint, as metrics.jsonl does (the resumed run logs the rest).
+  assert set(range(10, killed_at + 1, 10)) <= set(tensorboard_steps(workdir, 'train/loss'))
 
   rerun = run_train_py(workdir, *flags)
   _, log = rerun.communicate()
@@ -1018,6 +1027,8 @@ def test_sigkill_then_rerun_resumes_bitwise_exactly(tmp_path):
   params, step = train.load_params(config, str(workdir))
   assert step == 248
   assert_trees_bitwise_equal(params, uninterrupted.params)
+  # Steps the killed run logged after its checkpoint are logged again; TensorBoard keeps the resumed run's.
+  assert tensorboard_steps(workdir, 'train/loss') == [*range(10, 241, 10), 248]
   with open(workdir / 'config.json') as f:
     saved = json.load(f)
   assert (saved['num_epochs'], saved['checkpoint_every_steps'], saved['log_every_steps']) == (4, 10, 10)

@@ -137,6 +137,33 @@ def test_a_sweep_writes_each_models_own_values(tmp_path):
   assert [(e.step, e.value) for e in events.Scalars('test/loss')] == [(5, 1.5)]
 
 
+def test_synced_scalars_are_on_disk_while_the_writer_is_open_and_later_event_files_keep_them(tmp_path):
+  writer = workdir.MetricWriter(str(tmp_path))
+  for step in (1, 2):  # Two syncs within a second: two event files, neither truncating the other.
+    writer.write(step, 'train', {'loss': np.array(1 / step)})
+    writer.sync()
+  # Read with the writer still open, as a run killed now leaves them: TensorBoard's writer queues events until closed.
+  events = event_accumulator.EventAccumulator(str(tmp_path))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars('train/loss')] == [(1, 1.0), (2, 0.5)]
+  writer.close()
+  assert len([name for name in os.listdir(tmp_path) if name.startswith('events.out.tfevents.')]) == 2
+
+
+def test_tensorboard_shows_a_resumed_runs_steps_after_its_checkpoint_in_place_of_the_earlier_runs(tmp_path):
+  killed = workdir.MetricWriter(str(tmp_path))
+  for step in (10, 20, 30):  # Step 30 was logged, and the run killed before checkpoint 30 was saved.
+    killed.write(step, 'train', {'loss': np.array(step / 64)})
+  killed.close()
+  resumed = workdir.MetricWriter(str(tmp_path), start_step=20)
+  resumed.write(30, 'train', {'loss': np.array(0.75)})  # Exact in float32, as are the others.
+  resumed.close()
+  assert [row['step'] for row in workdir.read_metrics(str(tmp_path))] == [10, 20, 30, 30]
+  events = event_accumulator.EventAccumulator(str(tmp_path))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars('train/loss')] == [(10, 0.15625), (20, 0.3125), (30, 0.75)]
+
+
 def test_metrics_append_to_an_empty_file(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text('')  # As a run stopped before its first row leaves it.
   writer = workdir.MetricWriter(str(tmp_path))
