@@ -153,6 +153,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       fail(name, 'it must be a finite number >= 0')
   if not (is_number(config.momentum) and 0 <= config.momentum < 1):
     fail('momentum', 'it must be in [0, 1)')
+  if config.optimizer != 'momentum' and config.momentum != defaults.momentum:  # Not adam's b1, say: it is unread.
+    fail('momentum', f"only optimizer='momentum' reads it, not {config.optimizer!r}; leave it at {defaults.momentum}")
   if config.schedule == 'warmup_cosine' and not 0 < config.warmup_epochs < config.num_epochs:
     fail('warmup_epochs', f'warmup_cosine needs more than 0 and less than num_epochs={config.num_epochs}')
   if config.schedule != 'warmup_cosine' and config.warmup_epochs:

@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 30
   config.optimizer = 'adam'
   config.learning_rate = 3e-3
-  config.momentum = 0.9  # Used by 'momentum'.
+  config.momentum = 0.9  # Read by 'momentum' only: the other optimizers refuse another value.
   config.weight_decay = 0.0
   config.schedule = 'cosine'
   config.warmup_epochs = 0.0

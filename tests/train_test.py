@@ -682,6 +682,7 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'checkpoint_every_steps': -1}, r'config\.checkpoint_every_steps=-1 .* >= 0'),
     ({'max_checkpoints_to_keep': 0}, r'config\.max_checkpoints_to_keep=0 .* integer >= 1'),
     ({'num_models': 0}, r'config\.num_models=0 .* integer >= 1'),
+    ({'momentum': 0.5}, r"config\.momentum=0\.5 is not valid; only optimizer='momentum' reads it, not 'adam'; leave"),
     ({'seed': -1}, r'config\.seed=-1 .* integer from 0 to 2\*\*32 - num_models = 4294967295 '),
     ({'seed': 2**32}, r'config\.seed=4294967296 .* integer from 0 to'),  # A JAX key would take it as seed 0.
     ({'seed': 2**32 - 2, 'num_models': 3}, r'config\.seed=4294967294 .* = 4294967293 \(model k .* seed \+ k\)'),
