@@ -608,9 +608,10 @@ def test_a_non_finite_loss_advises_settings_the_run_accepts(overrides, steps_per
 
 
 def test_each_train_row_is_the_mean_of_the_steps_since_the_last_row(tmp_path):
-  # Logging reads the steps without changing them, so runs that log at other cadences train alike.
+  # Logging reads the steps without changing them, so runs that log at other cadences train alike. Checkpoints
+  # between the rows check the steps since the last row too, and must not start a row's window.
   train.train_and_evaluate(tiny_config(log_every_steps=1), str(tmp_path / 'every_step'))
-  train.train_and_evaluate(tiny_config(log_every_steps=4), str(tmp_path / 'every_4'))
+  train.train_and_evaluate(tiny_config(log_every_steps=4, checkpoint_every_steps=3), str(tmp_path / 'every_4'))
   each = [r for r in workdir_lib.read_metrics(str(tmp_path / 'every_step')) if r['split'] == 'train']
   rows = [r for r in workdir_lib.read_metrics(str(tmp_path / 'every_4')) if r['split'] == 'train']
   assert [r['step'] for r in rows] == [4, 8, 12, 16]
@@ -622,8 +623,9 @@ def test_each_train_row_is_the_mean_of_the_steps_since_the_last_row(tmp_path):
 
 def test_a_nan_in_the_training_data_stops_the_run_at_the_checkpoint_of_its_step(tmp_path, monkeypatch):
   # A step that only checkpoints (no log row, no evaluation) checks the training losses since the last row too,
-  # so the error names the training batch, not the test loss of the parameters it made.
-  config = tiny_config(num_epochs=1, log_every_steps=8, eval_every_steps=8, checkpoint_every_steps=1)
+  # so the error names the training batch, not the test loss of the parameters it made, nor the checkpoint's step
+  # (4, whose loss is NaN too, from the parameters step 3 made).
+  config = tiny_config(num_epochs=1, log_every_steps=8, eval_every_steps=8, checkpoint_every_steps=2)
   shuffle_key, _ = input_pipeline.epoch_keys(config.seed, 0)
   nan_digit = int(input_pipeline.shuffled_batch_indices(shuffle_key, 4000, config.batch_size)[2][0])  # Step 3's.
   load_split = input_pipeline.load_split
@@ -682,6 +684,7 @@ def test_eval_and_checkpoint_cadences_and_the_last_step(tmp_path, every, checkpo
     ({'checkpoint_every_steps': -1}, r'config\.checkpoint_every_steps=-1 .* >= 0'),
     ({'max_checkpoints_to_keep': 0}, r'config\.max_checkpoints_to_keep=0 .* integer >= 1'),
     ({'num_models': 0}, r'config\.num_models=0 .* integer >= 1'),
+    ({'train_mode': 'Epoch'}, r"config\.train_mode='Epoch' is not valid; choose one of \('step', 'epoch'\)"),
     ({'momentum': 0.5}, r"config\.momentum=0\.5 is not valid; only optimizer='momentum' reads it, not 'adam'; leave"),
     ({'seed': -1}, r'config\.seed=-1 .* integer from 0 to 2\*\*32 - num_models = 4294967295 '),
     ({'seed': 2**32}, r'config\.seed=4294967296 .* integer from 0 to'),  # A JAX key would take it as seed 0.

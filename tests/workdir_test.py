@@ -90,21 +90,26 @@ def test_a_resumed_run_in_a_workdir_without_config_json_saves_its_config_as_the_
 
 
 def test_a_run_starting_before_a_saved_runs_start_moves_that_config_aside(tmp_path):
-  # A run resumed at step 8 with lr 0.1 (config_step8.json); then its checkpoints were deleted, or set aside as
-  # corrupt, and a run starts from 0 again: config_step8.json would be taken for its config.
-  changed = default.get_config()
-  changed.learning_rate = 0.1
+  # Runs resumed at step 8 with lr 0.1 and at 16 with lr 0.2 (config_step8.json, config_step16.json); then their
+  # checkpoints were deleted, or set aside as corrupt, and a run starts from 0 again with lr 0.5: either saved config
+  # would be taken for its config.
+  configs = {}
+  for learning_rate in (0.1, 0.2, 0.5):
+    configs[learning_rate] = default.get_config()
+    configs[learning_rate].learning_rate = learning_rate
   workdir.save_config(default.get_config(), str(tmp_path), 0)
-  workdir.save_config(changed, str(tmp_path), 8)
+  workdir.save_config(configs[0.1], str(tmp_path), 8)
+  workdir.save_config(configs[0.2], str(tmp_path), 16)
   (tmp_path / 'superseded_configs').mkdir()
   (tmp_path / 'superseded_configs' / 'config_step8.json').write_text('{"from": "an earlier time"}')
-  workdir.save_config(changed, str(tmp_path), 0)
+  workdir.save_config(configs[0.5], str(tmp_path), 0)
   assert sorted(os.listdir(tmp_path)) == ['config.json', 'config_step0.json', 'superseded_configs']
   moved = tmp_path / 'superseded_configs'
-  assert sorted(os.listdir(moved)) == ['config_step8.json', 'config_step8_2.json']
+  assert sorted(os.listdir(moved)) == ['config_step16.json', 'config_step8.json', 'config_step8_2.json']
   assert json.loads((moved / 'config_step8_2.json').read_text())['learning_rate'] == 0.1
-  assert workdir.load_config(str(tmp_path)).learning_rate == 0.1
-  assert workdir.load_config(str(tmp_path), 8).learning_rate == 0.1  # Checkpoint 8 is now the new run's.
+  assert json.loads((moved / 'config_step16.json').read_text())['learning_rate'] == 0.2
+  assert workdir.load_config(str(tmp_path)).learning_rate == 0.5
+  assert workdir.load_config(str(tmp_path), 16).learning_rate == 0.5  # Checkpoint 16 is now the new run's.
 
 
 def test_a_first_run_resumed_from_a_checkpoint_alone_saves_config_step_n(tmp_path):
