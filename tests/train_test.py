@@ -395,6 +395,8 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run,
   assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', '124'))  # Moved, not deleted.
   assert train_steps_logged(workdir, after_row=rows_before) == [100, 120, 124]  # Resumed at 93, not from scratch.
   assert_trees_bitwise_equal(resumed.params, state.params)  # Steps 94..124 were retrained exactly.
+  # metrics.jsonl keeps both runs' rows of steps 100 to 124; TensorBoard shows the resumed run's alone.
+  assert tensorboard_steps(workdir, 'train/loss') == [20, 40, 60, 80, 100, 120, 124]
 
 
 def test_a_run_resumed_before_a_corrupt_checkpoint_records_its_config_and_checkpoints_again(tmp_path):
