@@ -64,6 +64,11 @@ def test_embedded_set_is_normalised_and_balanced(train_split, test_split):
   np.testing.assert_array_equal(test_split['image'][:, _border()], np.float32(background))
   np.testing.assert_array_equal(input_pipeline.black('embedded_mnist'), [np.float32(background)])
   assert test_split['image'].min() == pytest.approx(background) and test_split['image'].max() == pytest.approx(white)
+  with np.load(input_pipeline.EMBEDDED_PATH) as npz:  # The stored digits of each split, in order, framed by 2 pixels.
+    for data, split in ((train_split, 'train'), (test_split, 'test')):
+      digits = data['image'][:, 2:30, 2:30, 0] * std[0] + mean[0]
+      np.testing.assert_allclose(digits, npz[f'x_{split}'] / 255, rtol=0, atol=1e-6)
+      np.testing.assert_array_equal(data['label'], npz[f'y_{split}'])
 
 
 def test_embedded_stats_are_those_of_the_shipped_train_split():
@@ -117,11 +122,13 @@ def test_one_example_is_that_row_of_its_split(split, index):
   assert label == data['label'][index] and isinstance(label, int)
 
 
-def test_one_tfds_example_is_that_row_of_its_split(tmp_path):
+def test_one_tfds_example_is_that_row_of_its_split(tmp_path, image_reads):
   config = _config(dataset='cifar10', data_dir=str(tmp_path), input_shape=TFDS_SHAPES['cifar10'])
   with tfds.testing.mock_data(num_examples=6):
     image, label = input_pipeline.load_example(config, 'test', 4)
     data = input_pipeline.load_split(config, 'test')
+  # The example alone is read (and decoded): a real split holds 10,000 images.
+  assert image_reads == [('cifar10', 'test', str(tmp_path), range(4, 5)), ('cifar10', 'test', str(tmp_path), range(6))]
   np.testing.assert_array_equal(image, data['image'][4])
   assert label == data['label'][4]
 
@@ -210,7 +217,7 @@ def test_an_impossible_validation_size_or_batch_size_is_refused_before_any_image
     assert image_reads == []  # A split of 50,000 images would be read and decoded first.
     config = _config(dataset='mnist', data_dir=str(tmp_path), validation_size=5)
     assert len(input_pipeline.load_split(config, 'validation')['label']) == 5
-  assert image_reads == [('mnist', 'train', str(tmp_path))]
+  assert image_reads == [('mnist', 'train', str(tmp_path), range(1, 6))]  # The held-out tail of train.
 
 
 def _epoch(data, seed=0, epoch=0):

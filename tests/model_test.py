@@ -74,6 +74,8 @@ class ShapesTest(parameterized.TestCase):
       scaled = np.asarray(layer['kernel']) * np.sqrt(fan_in)
       self.assertBetween(np.std(scaled), 0.9, 1.1, name)
       self.assertLessEqual(np.abs(scaled).max(), 2 / 0.87962566103423978, name)  # 0.8796: the truncated std.
+      # A uniform of the same variance (lecun_uniform) stops at sqrt(3) = 1.73; this normal puts 7% beyond 1.8.
+      self.assertGreater(np.mean(np.abs(scaled) > 1.8), 0.03, name)
       np.testing.assert_array_equal(layer['bias'], 0)
 
   @parameterized.parameters((1, 16_644), (3, 16_794))

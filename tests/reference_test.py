@@ -124,6 +124,8 @@ GRAD_CASES = {
   ),
   'no-hidden-window1': (1, {'hidden_features': (), 'pool_window': 1, 'kernel_size': 7, 'num_classes': 5}),
   'one-conv-window4': (1, {'conv_features': (3,), 'pool_window': 4, 'flatten_order': 'random'}),
+  # At window 2 a mean divides by 4 = 2 * window: a window of 4 tells window**2 from either.
+  'one-conv-avg-window4': (1, {'conv_features': (3,), 'pool': 'avg', 'pool_window': 4}),
 }
 
 
