@@ -200,7 +200,7 @@ def test_throughput_saves_every_row_it_prints_and_its_machine(tmp_path):
     (3, 32, 'step'),
     (3, 32, 'sweep8'),
   ]
-  for row, flops_per_image in zip(saved['rows'], (601_200, None, 1_071_600, None), strict=True):
+  for row, flops_per_image in zip(saved['rows'], (throughput_flops(1), None, throughput_flops(3), None), strict=True):
     rates = row['images_per_second']
     assert len(rates) == 3 and min(rates) > 0
     assert row['images_per_second_median'] == sorted(rates)[1]  # Not the mean.
@@ -211,8 +211,6 @@ def test_throughput_saves_every_row_it_prints_and_its_machine(tmp_path):
     if flops_per_image is None:  # A sweep's model-images are not one model's work.
       assert row['gflops'] is None
       continue
-    # Forward FLOPs (conv1 117,600 per input channel, conv2 90,000, fc1 30,000, fc2 2,000) times 3, less conv1's
-    # input gradient.
     assert row['gflops'] * 1e9 == pytest.approx(row['images_per_second_median'] * flops_per_image)
   assert saved['complete'] is True and saved['machine']['peak_gflops'] > 0 and f'Saved {output}' in result.stdout
   # How the table was made: the versions, and every flag of the script with its value, defaults included.
@@ -222,6 +220,36 @@ def test_throughput_saves_every_row_it_prints_and_its_machine(tmp_path):
     'torch_variants': None, 'repeats': 3, 'images_per_repeat': 64, 'threads': min(2, AVAILABLE_CPUS), 'pin_cpus': False,
     'output': str(output),
   }  # fmt: skip
+
+
+def test_throughputs_figures_follow_from_each_repeats_images_wall_and_cpu_time(tmp_path):
+  # Each repeat timed as given here (wall seconds in turn, CPU time twice the wall): every figure a row saves is then
+  # known from the images it counts.
+  output = tmp_path / 'results.json'
+  code = (
+    'import itertools, throughput; from absl import app; walls = itertools.cycle([0.5, 0.25, 1.0]); '
+    'throughput.timed = lambda run: (wall := next(walls), 2 * wall, run()); app.run(throughput.main)'
+  )
+  flags = ['--batch_sizes=32', '--channels=1', '--modes=step,sweep8', '--notorch', '--repeats=3',
+           '--images_per_repeat=32', f'--output={output}', '--nopin_cpus']  # fmt: skip
+  result = subprocess.run([sys.executable, '-c', code, *flags], cwd=BENCHMARKS, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  saved = json.loads(output.read_text())
+  step, sweep = saved['rows']
+  for row, models in ((step, 1), (sweep, 8)):  # The two variants take the walls in turn: each gets all three.
+    images = 10 * 32 * models
+    assert sorted(row['images_per_second']) == [images / 1.0, images / 0.5, images / 0.25]
+    assert row['images_per_second_median'] == images / 0.5 and row['cpu_seconds_per_second'] == 2.0
+  flops, peak = throughput_flops(1), saved['machine']['peak_gflops']
+  assert step['gflops'] == pytest.approx(640 * flops / 1e9) and step['fraction_of_peak'] == pytest.approx(
+    640 * flops / 1e9 / peak
+  )
+
+
+def throughput_flops(channels: int) -> int:
+  """Forward FLOPs (conv1 117,600 per input channel, conv2 90,000, fc1 30,000, fc2 2,000) times 3, less conv1's
+  input gradient: a training step's, per image."""
+  return 3 * (117_600 * channels + 90_000 + 30_000 + 2_000) - 117_600 * channels
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason='torch is a benchmark-only dependency')
@@ -292,6 +320,7 @@ def test_the_workloads_random_examples_are_the_same_arrays_each_time(benchmarks_
 def test_the_pytorch_peer_gathers_each_batch_from_the_data_in_a_fixed_shuffled_order(benchmarks_on_path, monkeypatch):
   import torch
   import torch_peer
+  import workload
 
   batches = []
 
@@ -299,10 +328,15 @@ def test_the_pytorch_peer_gathers_each_batch_from_the_data_in_a_fixed_shuffled_o
     batches.append((images.numpy(), labels.numpy()))
     return torch.zeros(())
 
-  monkeypatch.setattr(torch_peer, 'make_step', lambda *args, **kwargs: (None, recording_step))
+  steps_made = []
+  monkeypatch.setattr(
+    torch_peer, 'make_step', lambda *args, **kwargs: steps_made.append(args) or (None, recording_step)
+  )
   labels = np.arange(12, dtype=np.int32)  # Example i is labelled i and filled with i.
   data = {'image': np.broadcast_to(labels[:, None, None, None], (12, 32, 32, 1)).astype(np.float32), 'label': labels}
   torch_peer.prepare(4, 1, 'eager', warmup_steps=3, data=data)(6)  # A warm-up epoch of 3 batches, then 2 epochs.
+  # As throughput.py calls it: the step of tinycnn's benchmark optimiser (the same learning rate).
+  assert steps_made == [(4, 1, 'eager', workload.benchmark_config(4, 1).learning_rate)]
   order = [labels for _, labels in batches]
   assert sorted(np.concatenate(order[:3])) == list(range(12)) and not np.array_equal(np.concatenate(order[:3]), labels)
   np.testing.assert_array_equal(order[:3], order[3:6])  # The same order each epoch, as tinycnn's timed epochs.

@@ -84,14 +84,18 @@ def test_a_device_count_that_does_not_divide_the_batch_is_refused_by_name_before
 
 
 def test_flatten_orders_follow_one_loss_curve(tmp_path, monkeypatch):
-  images = input_pipeline.load_split(explain.make_config(1), 'test')['image'][:16]
-  fit, runs = explain.fit, []
+  test_data = input_pipeline.load_split(explain.make_config(1), 'test')
+  images = test_data['image'][:16]
+  fit, runs, trained_from_one_start = explain.fit, [], {}
 
   def recording_fit(config, state, data, fill=None):
     # Before the fit, which takes the state's arrays (donated).
     logits = np.asarray(state.apply_fn({'params': state.params}, images)) if config.num_models == 1 else None
     runs.append((config.model.flatten_order, config.num_models, logits, np.asarray(state.params['fc1']['kernel'])))
-    return fit(config, state, data, fill)
+    trained, losses = fit(config, state, data, fill)
+    if config.num_models == 1:
+      trained_from_one_start[config.model.flatten_order] = config, trained
+    return trained, losses
 
   monkeypatch.setattr(explain, 'fit', recording_fit)
   results = explain.flatten(str(tmp_path), num_epochs=1, num_seeds=2)
@@ -101,6 +105,8 @@ def test_flatten_orders_follow_one_loss_curve(tmp_path, monkeypatch):
   for order, _, logits, kernel in others:  # Another flatten order, fc1's rows permuted: the same function.
     assert not np.array_equal(kernel, hwc_kernel), order
     np.testing.assert_allclose(logits, hwc_logits, rtol=0, atol=1e-5, err_msg=order)
+  for order, (config, trained) in trained_from_one_start.items():  # Each same-init run's own test accuracy.
+    assert results['same_init_test_accuracy'][order] == explain.accuracy(config, trained, test_data)[0]
   # The fact: the same initial function, trained on the same batches and shifts, follows one loss curve whatever the
   # flatten order: to float32 rounding at first (fc1 sums its 150 products in another order), and a wrong
   # permutation would differ from the first step. Rounding differences then compound, and can tip a near-tie (a
@@ -131,9 +137,11 @@ def test_channels_real_conv_and_misreading_are_different_functions(tmp_path):
   assert difference['grey'] < 1e-4  # The matched weights agree where all channels are equal ...
   assert difference['tinted'] > 1e-2  # ... and not once the channels differ.
   assert difference['mixed'] > 0.1
+  assert results['same_class']['grey'] == 1.0  # Each grey digit gets one class from both.
   for accuracy in results['test_accuracy'].values():
     assert len(accuracy) == 2
     assert min(accuracy) > 0.5
+  assert results['test_accuracy']['real'] != results['test_accuracy']['misread']  # Each network's own.
   assert_png(results['png'])
 
 
