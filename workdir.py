@@ -358,8 +358,7 @@ class MetricWriter:
       self._jsonl.write('\n')  # A run killed mid-write left a partial line; start on a fresh one.
     self._logdirs = [workdir] if num_models == 1 else [os.path.join(workdir, f'model_{k}') for k in range(num_models)]
     self._tensorboards = []  # Opened at the first write: a run that writes nothing adds no event file.
-    self._event_files_opened = 0
-    self._start_step = start_step
+    self._purge_step = start_step + 1  # For the run's first event files alone.
 
   def write(self, step: int, split: str, scalars: dict[str, np.ndarray]) -> None:
     """Scalars of shape [] (one model) or [K] (a sweep)."""
@@ -369,11 +368,11 @@ class MetricWriter:
       # tensorboardX names a file by the second it opens it, and would truncate an earlier one of the same name;
       # TensorBoard reads a directory's event files in the order of their names, so the suffix is the time too.
       suffix = f'.{time.time_ns()}'
-      self._event_files_opened += 1
-      purge_step = self._start_step + 1 if self._event_files_opened == 1 else None  # The run's first files mark it.
       self._tensorboards = [
-        tensorboardX.SummaryWriter(logdir, purge_step=purge_step, filename_suffix=suffix) for logdir in self._logdirs
+        tensorboardX.SummaryWriter(logdir, purge_step=self._purge_step, filename_suffix=suffix)
+        for logdir in self._logdirs
       ]
+      self._purge_step = None
     sweep = len(self._logdirs) > 1
     for k, tensorboard in enumerate(self._tensorboards):
       values = {name: float(np.reshape(value, -1)[k]) for name, value in scalars.items()}
