@@ -22,6 +22,8 @@ if not _IS_XDIST_WORKER:
 # Each test process, and each run a test starts, then takes only the GPU memory it uses, not 75% of it each.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
+from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
+
 import input_pipeline  # noqa: E402 -- after the cache is named.
 
 
@@ -41,3 +43,16 @@ def image_reads(monkeypatch):
 
   monkeypatch.setattr(input_pipeline, '_open_split', counting_reads)
   return reads
+
+
+@pytest.fixture
+def tensorboard_scalars():
+  """A reader (logdir, tag) -> [(step, value)] of one scalar as TensorBoard shows it (without the steps of an earlier
+  run that a resumed run's event files purge)."""
+
+  def read(logdir, tag: str) -> list[tuple[int, float]]:
+    events = event_accumulator.EventAccumulator(str(logdir))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+  return read

@@ -380,7 +380,9 @@ def truncate_every_file(checkpoint):
   ],
   ids=['truncated', 'metadata_removed'],  # Orbax reads a missing _METADATA as an empty tree, not another model's.
 )
-def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run, tmp_path, corrupt, cause, caplog):
+def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(
+  short_run, tmp_path, corrupt, cause, caplog, tensorboard_scalars
+):
   workdir, state, _ = short_run
   workdir = shutil.copytree(workdir, str(tmp_path / 'run'))
   corrupt(os.path.join(workdir, 'checkpoints', '124'))
@@ -396,7 +398,7 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(short_run,
   assert train_steps_logged(workdir, after_row=rows_before) == [100, 120, 124]  # Resumed at 93, not from scratch.
   assert_trees_bitwise_equal(resumed.params, state.params)  # Steps 94..124 were retrained exactly.
   # metrics.jsonl keeps both runs' rows of steps 100 to 124; TensorBoard shows the resumed run's alone.
-  assert tensorboard_steps(workdir, 'train/loss') == [20, 40, 60, 80, 100, 120, 124]
+  assert [step for step, _ in tensorboard_scalars(workdir, 'train/loss')] == [20, 40, 60, 80, 100, 120, 124]
 
 
 def test_a_run_resumed_before_a_corrupt_checkpoint_records_its_config_and_checkpoints_again(tmp_path):
@@ -998,14 +1000,7 @@ def test_each_step_trains_on_the_batch_of_its_seed_epoch_and_step(fill):
   assert_trees_bitwise_equal(trained.params, expected.params)
 
 
-def tensorboard_steps(workdir, tag: str) -> list[int]:
-  """The steps of scalar `tag` that TensorBoard reads from `workdir`'s event files."""
-  events = event_accumulator.EventAccumulator(str(workdir))
-  events.Reload()
-  return [event.step for event in events.Scalars(tag)]
-
-
-def test_sigkill_then_rerun_resumes_bitwise_exactly(tmp_path):
+def test_sigkill_then_rerun_resumes_bitwise_exactly(tmp_path, tensorboard_scalars):
   flags = ['--config.num_epochs=4', '--config.checkpoint_every_steps=10', '--config.log_every_steps=10']
   config = short_config(num_epochs=4, checkpoint_every_steps=10, log_every_steps=10, eval_every_steps=0)
   uninterrupted, _ = train.train_and_evaluate(config, str(tmp_path / 'uninterrupted'))
@@ -1024,7 +1019,7 @@ def test_sigkill_then_rerun_resumes_bitwise_exactly(tmp_path):
   killed_at = max(int(step) for step in os.listdir(workdir / 'checkpoints') if step.isdigit())
   assert killed_at < 248
   # TensorBoard has every logged step up to the checkpoint, as metrics.jsonl does (the resumed run logs the rest).
-  assert set(range(10, killed_at + 1, 10)) <= set(tensorboard_steps(workdir, 'train/loss'))
+  assert set(range(10, killed_at + 1, 10)) <= {step for step, _ in tensorboard_scalars(workdir, 'train/loss')}
 
   rerun = run_train_py(workdir, *flags)
   _, log = rerun.communicate()
@@ -1034,7 +1029,7 @@ def test_sigkill_then_rerun_resumes_bitwise_exactly(tmp_path):
   assert step == 248
   assert_trees_bitwise_equal(params, uninterrupted.params)
   # Steps the killed run logged after its checkpoint are logged again; TensorBoard keeps the resumed run's.
-  assert tensorboard_steps(workdir, 'train/loss') == [*range(10, 241, 10), 248]
+  assert [step for step, _ in tensorboard_scalars(workdir, 'train/loss')] == [*range(10, 241, 10), 248]
   with open(workdir / 'config.json') as f:
     saved = json.load(f)
   assert (saved['num_epochs'], saved['checkpoint_every_steps'], saved['log_every_steps']) == (4, 10, 10)

@@ -7,7 +7,6 @@ import types
 import jax
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
 
 import workdir
 from configs import default
@@ -129,7 +128,7 @@ def test_load_config_is_the_latest_run_before_the_checkpoint(tmp_path):
   assert workdir.load_config(str(tmp_path), 200).model.conv_features == (3, 6)  # Tuples again, as in a config.
 
 
-def test_a_sweep_writes_each_models_own_values(tmp_path):
+def test_a_sweep_writes_each_models_own_values(tmp_path, tensorboard_scalars):
   writer = workdir.MetricWriter(str(tmp_path), num_models=2)
   writer.write(5, 'test', {'loss': np.array([0.5, 1.5]), 'accuracy': np.array([0.875, 0.625])})
   writer.close()
@@ -137,25 +136,25 @@ def test_a_sweep_writes_each_models_own_values(tmp_path):
     {'step': 5, 'split': 'test', 'model': 0, 'loss': 0.5, 'accuracy': 0.875},
     {'step': 5, 'split': 'test', 'model': 1, 'loss': 1.5, 'accuracy': 0.625},
   ]
-  events = event_accumulator.EventAccumulator(str(tmp_path / 'model_1'))
-  events.Reload()
-  assert [(e.step, e.value) for e in events.Scalars('test/loss')] == [(5, 1.5)]
+  assert tensorboard_scalars(tmp_path / 'model_1', 'test/loss') == [(5, 1.5)]
 
 
-def test_synced_scalars_are_on_disk_while_the_writer_is_open_and_later_event_files_keep_them(tmp_path):
+def test_synced_scalars_are_on_disk_while_the_writer_is_open_and_later_event_files_keep_them(
+  tmp_path, tensorboard_scalars
+):
   writer = workdir.MetricWriter(str(tmp_path))
   for step in (1, 2):  # Two syncs within a second: two event files, neither truncating the other.
     writer.write(step, 'train', {'loss': np.array(1 / step)})
     writer.sync()
   # Read with the writer still open, as a run killed now leaves them: TensorBoard's writer queues events until closed.
-  events = event_accumulator.EventAccumulator(str(tmp_path))
-  events.Reload()
-  assert [(e.step, e.value) for e in events.Scalars('train/loss')] == [(1, 1.0), (2, 0.5)]
+  assert tensorboard_scalars(tmp_path, 'train/loss') == [(1, 1.0), (2, 0.5)]
   writer.close()
   assert len([name for name in os.listdir(tmp_path) if name.startswith('events.out.tfevents.')]) == 2
 
 
-def test_tensorboard_shows_a_resumed_runs_steps_after_its_checkpoint_in_place_of_the_earlier_runs(tmp_path):
+def test_tensorboard_shows_a_resumed_runs_steps_after_its_checkpoint_in_place_of_the_earlier_runs(
+  tmp_path, tensorboard_scalars
+):
   killed = workdir.MetricWriter(str(tmp_path))
   for step in (10, 20, 30):  # Step 30 was logged, and the run killed before checkpoint 30 was saved.
     killed.write(step, 'train', {'loss': np.array(step / 64)})
@@ -164,9 +163,7 @@ def test_tensorboard_shows_a_resumed_runs_steps_after_its_checkpoint_in_place_of
   resumed.write(30, 'train', {'loss': np.array(0.75)})  # Exact in float32, as are the others.
   resumed.close()
   assert [row['step'] for row in workdir.read_metrics(str(tmp_path))] == [10, 20, 30, 30]
-  events = event_accumulator.EventAccumulator(str(tmp_path))
-  events.Reload()
-  assert [(e.step, e.value) for e in events.Scalars('train/loss')] == [(10, 0.15625), (20, 0.3125), (30, 0.75)]
+  assert tensorboard_scalars(tmp_path, 'train/loss') == [(10, 0.15625), (20, 0.3125), (30, 0.75)]
 
 
 def test_metrics_append_to_an_empty_file(tmp_path):
