@@ -98,6 +98,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first invalid setting, config.model and input_shape included (through
   model.create_model), or a setting configs/default.py does not have or that `config` lacks. The checks that need a
   split's size (batch_size, validation_size, a warmup under one step, epoch-mode cadences) are train_and_evaluate's."""
+
+  def fail(name, valid):
+    raise ValueError(f'config.{name}={config[name]!r} is not valid; {valid}.')
+
   # A config file's misspelt setting would otherwise pass unread, and its run train with the default value.
   defaults = default.get_config()
   settings = sorted(defaults.keys())
@@ -108,6 +112,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f'config has no setting {unknown[0]}{f" (did you mean {close[0]}?)" if close else ""}; the settings are '
       f"configs/default.py's: {settings}."
     )
+  if not missing and not isinstance(config.model, ml_collections.ConfigDict):  # A ConfigDict takes None anywhere.
+    fail('model', "it must hold the model's settings, as configs/default.py's config.model does")
   # And one dropped from config.model would train with model.CNN's default, which the saved config would not record.
   missing = missing or [f'model.{name}' for name in sorted(set(defaults.model.keys()) - set(config.model.keys()))]
   if missing:
@@ -115,9 +121,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f'config.{missing[0]} is missing; a config needs every setting of configs/default.py, so build it from '
       'default.get_config() (as configs/*.py do) and change what differs.'
     )
-
-  def fail(name, valid):
-    raise ValueError(f'config.{name}={config[name]!r} is not valid; {valid}.')
 
   def is_number(value):  # bool is an int, but not a setting's number.
     return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -722,7 +722,7 @@ def test_invalid_training_setting_is_named(overrides, message, tmp_path, image_r
 
 # A config file written from scratch, say. model.CNN has a default for each model setting, which the run would train
 # with unannounced, and which its saved config would not record.
-@pytest.mark.parametrize('name', ['validation_size', 'model.pool'])
+@pytest.mark.parametrize('name', ['validation_size', 'model', 'model.pool'])
 def test_a_config_that_lacks_a_setting_is_refused_by_name(name, tmp_path, image_reads):
   config = short_config()
   *parents, setting = name.split('.')
@@ -730,6 +730,15 @@ def test_a_config_that_lacks_a_setting_is_refused_by_name(name, tmp_path, image_
   with pytest.raises(
     ValueError, match=rf'config\.{re.escape(name)} is missing; .* build it from default\.get_config\(\)'
   ):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+  assert image_reads == []
+
+
+def test_a_config_whose_model_is_not_a_config_is_refused_by_name(tmp_path, image_reads):
+  config = short_config()
+  config.model = None  # A ConfigDict takes None anywhere.
+  with pytest.raises(ValueError, match=r"config\.model=None is not valid; it must hold the model's settings"):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
   assert image_reads == []
