@@ -11,13 +11,14 @@ import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 import input_pipeline
 import model
 import train
 import visualize
 import workdir as workdir_lib
-from configs import default
+from configs import cifar10, default
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 LAYER_PICTURES = [
@@ -183,6 +184,28 @@ def test_feature_maps_share_one_colour_scale():
     shown = fig.axes[c].images[0]
     np.testing.assert_array_equal(shown.get_array(), maps[..., c])
     assert shown.get_clim() == (maps.min(), maps.max())
+
+
+def test_a_colour_image_is_drawn_in_colour_and_each_conv1_filter_as_one_slice_per_channel(tmp_path, monkeypatch):
+  config = cifar10.get_config()
+  config.data_dir = str(tmp_path / 'tfds')
+  workdir_lib.save_config(config, str(tmp_path), 0)
+  figures = {}
+
+  def keep_figure(fig, title, source, path):
+    figures[os.path.basename(path)] = fig
+    return path
+
+  monkeypatch.setattr(visualize, '_save', keep_figure)
+  with tfds.testing.mock_data(num_examples=4):
+    visualize.write_pictures(str(tmp_path), out_dir=str(tmp_path / 'pictures'), index=2)
+    image, _ = input_pipeline.load_example(config, 'test', 2)
+  (input_axes,) = figures['00_input.png'].axes  # One RGB picture, not a panel per channel.
+  np.testing.assert_allclose(
+    input_axes.images[0].get_array(), (image - image.min()) / (image.max() - image.min()), rtol=1e-6
+  )
+  filter_panels = [ax for ax in figures['01_conv1_filters.png'].axes if ax.images]
+  assert len(filter_panels) == 3 * 3  # 3 filters, each a 5x5x3 volume: one 5x5 slice per input channel.
 
 
 def test_flatten_bars_are_coloured_by_source_channel_and_rows_marked():
