@@ -97,7 +97,7 @@ def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) ->
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first invalid setting, config.model and input_shape included (through
   model.create_model), or a setting configs/default.py does not have or that `config` lacks. The checks that need a
-  split's size (batch_size, validation_size, a warmup under one step, epoch-mode cadences) are train_and_evaluate's."""
+  split's size are input_pipeline.split_size's (batch_size, validation_size) and `check_step_counts`'s."""
 
   def fail(name, valid):
     raise ValueError(f'config.{name}={config[name]!r} is not valid; {valid}.')
@@ -197,6 +197,30 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   side = min(config.input_shape[:2])
   if config.random_crop_padding >= side:
     fail('random_crop_padding', f'it must be below the {side}-pixel side of the images, or a shift could move one out')
+
+
+def check_step_counts(config: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
+  """Raises ValueError for a warmup under one step, or an epoch-mode cadence that is not whole epochs: the checks
+  that need the number of steps in an epoch, which `check_config` cannot know."""
+  if config.schedule == 'warmup_cosine' and warmup_steps(config, steps_per_epoch) < 1:
+    least = math.ceil(1e4 / steps_per_epoch) / 1e4
+    advice = (
+      f'use at least 1/{steps_per_epoch} of an epoch, {least:g} rounded up'
+      if least < config.num_epochs  # check_config wants warmup_epochs < num_epochs.
+      else f"the run's {config.num_epochs * steps_per_epoch} step(s) leave none after a warmup step: raise "
+      'num_epochs or use schedule cosine'
+    )
+    raise ValueError(
+      f'config.warmup_epochs={config.warmup_epochs} is less than one of the {steps_per_epoch} steps of an epoch, '
+      f'so there would be no warmup; {advice}.'
+    )
+  if config.train_mode == 'epoch':
+    for name in ('eval_every_steps', 'checkpoint_every_steps'):
+      if config[name] % steps_per_epoch:  # 0, once per epoch, passes.
+        raise ValueError(
+          f'config.{name}={config[name]} is not valid with train_mode=epoch; it must be 0 or a multiple of the '
+          f'{steps_per_epoch} steps of an epoch, since the state exists only between epochs.'
+        )
 
 
 def create_train_state(
@@ -579,24 +603,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   total_steps = config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps or steps_per_epoch
   checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
-  if config.schedule == 'warmup_cosine' and warmup_steps(config, steps_per_epoch) < 1:
-    least = math.ceil(1e4 / steps_per_epoch) / 1e4
-    advice = (
-      f'use at least 1/{steps_per_epoch} of an epoch, {least:g} rounded up'
-      if least < config.num_epochs  # check_config wants warmup_epochs < num_epochs.
-      else f"the run's {total_steps} step(s) leave none after a warmup step: raise num_epochs or use schedule cosine"
-    )
-    raise ValueError(
-      f'config.warmup_epochs={config.warmup_epochs} is less than one of the {steps_per_epoch} steps of an epoch, '
-      f'so there would be no warmup; {advice}.'
-    )
-  if config.train_mode == 'epoch':
-    for name, every in (('eval_every_steps', eval_every), ('checkpoint_every_steps', checkpoint_every)):
-      if every % steps_per_epoch:
-        raise ValueError(
-          f'config.{name}={config[name]} is not valid with train_mode=epoch; it must be 0 or a multiple of the '
-          f'{steps_per_epoch} steps of an epoch, since the state exists only between epochs.'
-        )
+  check_step_counts(config, steps_per_epoch)
   _check_latest_checkpoint(config, workdir, steps_per_epoch)
 
   workdir_lib.make_directory(workdir, 'workdir')
