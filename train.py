@@ -552,6 +552,22 @@ def _resume_or_start(
   return state
 
 
+def _warn_of_changes_to_a_finished_run(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+  """Logs a warning if `config` differs from the config of the run that finished at `step` in `workdir`.
+
+  A finished run is only evaluated: its saved config stays the record of how its parameters were trained, and a
+  changed one is not saved, since it would claim a training that did not happen.
+  """
+  previous = workdir_lib.load_config(workdir, step)
+  changed = _changed_settings(config, previous, sorted(previous.keys())) if previous is not None else []
+  if changed:
+    logging.warning(
+      'The run in %s finished at step %d, so it is only evaluated, and its saved config stays its record: %s '
+      'train nothing. Raise config.num_epochs to train on with them, or use a new --workdir.',
+      workdir, step, _describe_changes(changed),
+    )  # fmt: skip
+
+
 def _check_finite(
   losses_by_step: Iterable[tuple[int, np.ndarray]],
   config: ml_collections.ConfigDict,
@@ -621,7 +637,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
   state = _resume_or_start(config, workdir, manager, state, steps_per_epoch)
   start_step = int(np.max(state.step))
-  workdir_lib.save_config(config, workdir, start_step)
+  if start_step < total_steps:
+    workdir_lib.save_config(config, workdir, start_step)
+  else:
+    _warn_of_changes_to_a_finished_run(config, workdir, start_step)
   learning_rates = np.asarray(jax.device_get(state.opt_state.hyperparams['learning_rate'])).reshape(-1)
 
   functions = training_functions(config, num_train, batch_sharding)

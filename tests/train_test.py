@@ -100,6 +100,23 @@ def test_validation_size_evaluates_on_the_held_out_tail_instead_of_test(tmp_path
   assert metrics['validation_accuracy'] >= 0.7  # 0.846 measured after 54 steps on the other 3,500; chance is 0.10.
 
 
+def test_a_finished_run_given_changed_settings_is_only_evaluated_and_keeps_its_config(short_run, caplog):
+  workdir, state, metrics = short_run
+  listing = sorted(os.listdir(workdir))
+  with caplog.at_level('WARNING'):
+    again, again_metrics = train.train_and_evaluate(short_config(learning_rate=0.01), workdir)
+  assert re.search(
+    r'finished at step 124, so it is only evaluated.*config\.learning_rate=0\.01 \(that run: 0\.003\) train nothing\. '
+    r'Raise config\.num_epochs',
+    caplog.text,
+  )
+  # No config_step124.json: the saved config would claim parameters trained at 0.01.
+  assert sorted(os.listdir(workdir)) == listing
+  assert workdir_lib.load_config(workdir).learning_rate == 0.003
+  assert_trees_bitwise_equal(again.params, state.params)
+  assert again_metrics == metrics
+
+
 def test_metrics_jsonl_and_tensorboard_agree(short_run):
   workdir, _, metrics = short_run
   rows = workdir_lib.read_metrics(workdir)
