@@ -1,4 +1,5 @@
-"""The seed's claims about the network as experiments on the embedded digits: each prints a table and writes a PNG.
+"""The network's two facts, and pooling's tolerance of small shifts, as experiments on the embedded digits: each
+prints a table and writes a PNG.
 
     python explain.py --experiment=flatten --out_dir=runs/explain --num_epochs=3
     python explain.py --experiment=channels

@@ -1,4 +1,4 @@
-"""Default experiment: the seed network on the embedded 5,000-digit MNIST subset (no network needed).
+"""Default experiment: the network of README.md on the embedded 5,000-digit MNIST subset (no network needed).
 
 python train.py --config=configs/default.py --workdir=runs/default
 
