@@ -318,8 +318,8 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> N
 def read_metrics(workdir: str) -> list[dict]:
   """The rows of workdir/metrics.jsonl in the order written ([] when there is none).
 
-  A resumed run appends its rows: a step written twice appears twice, and the later row is the one to read. A
-  partial line, left by a run killed mid-write, is skipped (the writer starts a fresh line after it).
+  A resumed run appends its rows, having moved the earlier run's rows after its start to superseded_metrics.jsonl
+  (`MetricWriter`), so that each row of a step appears once. A partial line, left by a run killed mid-write, is skipped.
   """
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
@@ -334,13 +334,46 @@ def read_metrics(workdir: str) -> list[dict]:
   return rows
 
 
+def _step_of(line: str) -> int | None:
+  try:
+    return json.loads(line)['step']
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return None
+
+
+def _move_rows_after(step: int, path: str, superseded_path: str) -> None:
+  """Moves the lines of the JSON-lines file `path` whose row has a step after `step`, or that are no whole row, to
+  the end of `superseded_path`, keeping the others in `path` in their order."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line if line.endswith('\n') else line + '\n' for line in f]
+  kept, moved = [], []
+  for line in lines:
+    line_step = _step_of(line)
+    (kept if line_step is not None and line_step <= step else moved).append(line)
+  if not moved:
+    return
+  logging.warning(
+    'Moving %d line(s) of %s, logged by an earlier run after step %d, where this run starts, to %s.',
+    len(moved), path, step, superseded_path,
+  )  # fmt: skip
+  with open(superseded_path, 'a') as f:  # First, so that a run killed between the two writes loses no row.
+    f.writelines(moved)
+  with open(f'{path}.tmp', 'w') as f:
+    f.writelines(kept)
+  os.replace(f'{path}.tmp', path)
+
+
 class MetricWriter:
   """Writes scalars as JSON lines to workdir/metrics.jsonl (appending on resume) and to TensorBoard.
 
   A sweep of K models writes one row per model, with a "model" field, and a TensorBoard run per model
   (workdir/model_<k>). In a multi-host run only process 0 writes. A run that starts from `start_step` (a checkpoint's)
   logs again the steps an earlier run logged after that checkpoint: TensorBoard then shows this run's, and hides the
-  earlier run's from start_step + 1 on (metrics.jsonl keeps both).
+  earlier run's from start_step + 1 on. metrics.jsonl does the same: the earlier run's rows after start_step (and a
+  partial line, left by a run killed mid-write) are moved to superseded_metrics.jsonl, unchanged, before this run
+  writes.
   """
 
   def __init__(self, workdir: str, num_models: int = 1, start_step: int = 0):
@@ -348,14 +381,8 @@ class MetricWriter:
     if not self._writes:
       return
     path = os.path.join(workdir, 'metrics.jsonl')
-    ends_mid_line = False
-    if os.path.exists(path) and os.path.getsize(path):
-      with open(path, 'rb') as f:
-        f.seek(-1, os.SEEK_END)
-        ends_mid_line = f.read(1) != b'\n'
+    _move_rows_after(start_step, path, os.path.join(workdir, 'superseded_metrics.jsonl'))
     self._jsonl = open(path, 'a')
-    if ends_mid_line:
-      self._jsonl.write('\n')  # A run killed mid-write left a partial line; start on a fresh one.
     self._logdirs = [workdir] if num_models == 1 else [os.path.join(workdir, f'model_{k}') for k in range(num_models)]
     self._tensorboards = []  # Opened at the first write: a run that writes nothing adds no event file.
     self._purge_step = start_step + 1  # For the run's first event files alone.

@@ -46,11 +46,6 @@ def tiny_config(**overrides):
   return short_config(batch_size=500, **overrides)
 
 
-def train_steps_logged(workdir, after_row):
-  """The steps of the train rows written after the first after_row rows of metrics.jsonl: a resumed run's own."""
-  return [r['step'] for r in workdir_lib.read_metrics(workdir)[after_row:] if r['split'] == 'train']
-
-
 def file_digests(directory):
   """{path under `directory`: sha256 of its bytes} of every file: what a refused run must leave as it was."""
   digests = {}
@@ -403,7 +398,7 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(
   workdir, state, _ = short_run
   workdir = shutil.copytree(workdir, str(tmp_path / 'run'))
   corrupt(os.path.join(workdir, 'checkpoints', '124'))
-  rows_before = len(workdir_lib.read_metrics(workdir))
+  rows = workdir_lib.read_metrics(workdir)
   with caplog.at_level('ERROR'):
     resumed, _ = train.train_and_evaluate(short_config(), workdir)
   assert re.search(
@@ -412,9 +407,19 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(
     caplog.text,
   )
   assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', '124'))  # Moved, not deleted.
-  assert train_steps_logged(workdir, after_row=rows_before) == [100, 120, 124]  # Resumed at 93, not from scratch.
   assert_trees_bitwise_equal(resumed.params, state.params)  # Steps 94..124 were retrained exactly.
-  # metrics.jsonl keeps both runs' rows of steps 100 to 124; TensorBoard shows the resumed run's alone.
+  # The first run's rows after step 93 were moved aside, and the resumed run logged the same steps again (the train
+  # row at 100 averaging steps 94..100 alone): metrics.jsonl and TensorBoard show each step once.
+  resumed_rows = workdir_lib.read_metrics(workdir)
+  assert [(r['step'], r['split']) for r in resumed_rows] == [(r['step'], r['split']) for r in rows]
+  assert resumed_rows[:5] == rows[:5] and resumed_rows[-1] == rows[-1]  # Up to step 93, and the final evaluation.
+  with open(os.path.join(workdir, 'superseded_metrics.jsonl')) as f:
+    assert [(r['step'], r['split']) for r in map(json.loads, f)] == [
+      (100, 'train'),
+      (120, 'train'),
+      (124, 'train'),
+      (124, 'test'),
+    ]
   assert [step for step, _ in tensorboard_scalars(workdir, 'train/loss')] == [20, 40, 60, 80, 100, 120, 124]
 
 
@@ -1054,8 +1059,13 @@ def test_sigkill_then_rerun_resumes_bitwise_exactly(tmp_path, tensorboard_scalar
   params, step = train.load_params(config, str(workdir))
   assert step == 248
   assert_trees_bitwise_equal(params, uninterrupted.params)
-  # Steps the killed run logged after its checkpoint are logged again; TensorBoard keeps the resumed run's.
+  # Steps the killed run logged after its checkpoint are logged again; metrics.jsonl and TensorBoard keep the resumed
+  # run's alone.
   assert [step for step, _ in tensorboard_scalars(workdir, 'train/loss')] == [*range(10, 241, 10), 248]
+  assert [r['step'] for r in workdir_lib.read_metrics(str(workdir)) if r['split'] == 'train'] == [
+    *range(10, 241, 10),
+    248,
+  ]
   with open(workdir / 'config.json') as f:
     saved = json.load(f)
   assert (saved['num_epochs'], saved['checkpoint_every_steps'], saved['log_every_steps']) == (4, 10, 10)
@@ -1087,9 +1097,12 @@ def test_epoch_mode_resumes_exactly_from_an_epoch_boundary(tmp_path):
   finished, _ = train.train_and_evaluate(config, str(tmp_path / 'run'))
   interrupted = shutil.copytree(tmp_path / 'run', tmp_path / 'interrupted')
   shutil.move(interrupted / 'checkpoints' / '124', tmp_path / 'set_aside')  # As if stopped after epoch 1.
-  rows_before = len(workdir_lib.read_metrics(interrupted))
   resumed, _ = train.train_and_evaluate(config, str(interrupted))
-  assert train_steps_logged(interrupted, after_row=rows_before) == [80, 100, 120, 124]  # Epoch 2 only: steps 63..124.
+  with open(interrupted / 'superseded_metrics.jsonl') as f:  # Epoch 2 only, steps 63..124, was trained again.
+    assert [r['step'] for r in map(json.loads, f) if r['split'] == 'train'] == [80, 100, 120, 124]
+  rows, resumed_rows = workdir_lib.read_metrics(tmp_path / 'run'), workdir_lib.read_metrics(interrupted)
+  assert [(r['step'], r['split']) for r in resumed_rows] == [(r['step'], r['split']) for r in rows]
+  assert resumed_rows[-1] == rows[-1]
   assert_trees_bitwise_equal(resumed.params, finished.params)
 
 

@@ -152,18 +152,23 @@ def test_synced_scalars_are_on_disk_while_the_writer_is_open_and_later_event_fil
   assert len([name for name in os.listdir(tmp_path) if name.startswith('events.out.tfevents.')]) == 2
 
 
-def test_tensorboard_shows_a_resumed_runs_steps_after_its_checkpoint_in_place_of_the_earlier_runs(
+def test_a_resumed_runs_steps_after_its_checkpoint_replace_the_earlier_runs_and_those_are_moved_aside(
   tmp_path, tensorboard_scalars
 ):
   killed = workdir.MetricWriter(str(tmp_path))
-  for step in (10, 20, 30):  # Step 30 was logged, and the run killed before checkpoint 30 was saved.
+  for step in (10, 20, 30, 40):  # Steps 30 and 40 were logged, and the run killed before checkpoint 30 was saved.
     killed.write(step, 'train', {'loss': np.array(step / 64)})
   killed.close()
   resumed = workdir.MetricWriter(str(tmp_path), start_step=20)
   resumed.write(30, 'train', {'loss': np.array(0.75)})  # Exact in float32, as are the others.
   resumed.close()
-  assert [row['step'] for row in workdir.read_metrics(str(tmp_path))] == [10, 20, 30, 30]
-  assert tensorboard_scalars(tmp_path, 'train/loss') == [(10, 0.15625), (20, 0.3125), (30, 0.75)]
+  # Step 40, which the resumed run has not logged (yet, or at all: it may log at other steps, or end before), is
+  # not shown as if it were this run's.
+  expected = [(10, 0.15625), (20, 0.3125), (30, 0.75)]
+  assert [(row['step'], row['loss']) for row in workdir.read_metrics(str(tmp_path))] == expected
+  assert tensorboard_scalars(tmp_path, 'train/loss') == expected
+  superseded = (tmp_path / 'superseded_metrics.jsonl').read_text().splitlines()
+  assert [(row['step'], row['loss']) for row in map(json.loads, superseded)] == [(30, 0.46875), (40, 0.625)]
 
 
 def test_metrics_append_to_an_empty_file(tmp_path):
@@ -175,16 +180,18 @@ def test_metrics_append_to_an_empty_file(tmp_path):
   writer.close()
 
 
-def test_metrics_resume_on_a_fresh_line_after_a_partial_one(tmp_path):
+def test_a_partial_line_is_moved_aside_and_the_resumed_runs_rows_start_on_a_line_of_their_own(tmp_path):
+  # As after a run killed while writing its second row, resumed from its checkpoint at step 1.
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "split": "train", "loss": 2.3}\n{"step": 2, "spl')
-  writer = workdir.MetricWriter(str(tmp_path))  # As after a run killed while writing its second row.
+  assert workdir.read_metrics(str(tmp_path)) == [{'step': 1, 'split': 'train', 'loss': 2.3}]  # Read without it.
+  writer = workdir.MetricWriter(str(tmp_path), start_step=1)
   writer.write(2, 'train', {'loss': 1.5})
   writer.close()
-  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
-  assert lines[0] == '{"step": 1, "split": "train", "loss": 2.3}' and lines[1] == '{"step": 2, "spl'  # Kept as is.
-  assert json.loads(lines[2]) == {'step': 2, 'split': 'train', 'loss': 1.5}
-  # Read back without the partial line.
-  assert workdir.read_metrics(str(tmp_path)) == [{'step': 1, 'split': 'train', 'loss': 2.3}, json.loads(lines[2])]
+  assert (tmp_path / 'metrics.jsonl').read_text().splitlines() == [
+    '{"step": 1, "split": "train", "loss": 2.3}',
+    '{"step": 2, "split": "train", "loss": 1.5}',
+  ]
+  assert (tmp_path / 'superseded_metrics.jsonl').read_text() == '{"step": 2, "spl\n'  # Kept as it was.
   assert workdir.read_metrics(str(tmp_path / 'elsewhere')) == []
 
 
