@@ -74,6 +74,16 @@ def test_learns_the_real_digits(short_run):
   assert metrics['test_accuracy'] >= 0.85
 
 
+def test_the_final_metrics_are_over_every_test_digit(short_run):
+  _, state, metrics = short_run
+  # One batch of all 1,000 digits, where the run evaluated in batches of config.eval_batch_size (512 and 488).
+  eval_fn = jax.jit(functools.partial(train.eval_step, apply_fn=state.apply_fn))
+  whole = train.evaluate(eval_fn, state.params, input_pipeline.load_split(short_config(), 'test'), 1000)
+  assert short_config().eval_batch_size < 1000
+  assert metrics['test_accuracy'] == whole['accuracy']
+  assert metrics['test_loss'] == pytest.approx(whole['loss'], rel=1e-5)
+
+
 def test_same_seed_gives_identical_metrics_and_params(short_run, tmp_path):
   workdir, state, _ = short_run
   again, _ = train.train_and_evaluate(short_config(), str(tmp_path))
@@ -319,6 +329,22 @@ def test_progress_line_counts_training_speed_without_evaluation_and_its_eta_adds
   assert float(times[2]) >= 3000
 
 
+def test_the_eta_counts_the_evaluations_due_between_progress_lines(tmp_path, monkeypatch, caplog):
+  # Logged every 3 steps, evaluated every 5 (1000 s each, timed from step 5's on) and at the end: at step 6 those after
+  # steps 10 and 15 and the final one are to come; at step 15, its own and the final one.
+  config = tiny_config(log_every_steps=3, eval_every_steps=5)
+  log = train_on_a_clock_of_slow_evaluations(config, str(tmp_path), monkeypatch, caplog, 1000, 0)
+  progress = re.findall(r'step (\d+)/16 .* ETA (\d+) s', log)
+  assert [(int(step), int(eta) // 1000) for step, eta in progress] == [
+    (3, 0),
+    (6, 3),
+    (9, 3),
+    (12, 2),
+    (15, 2),
+    (16, 1),
+  ]
+
+
 def test_the_progress_line_counts_every_model_and_the_evaluation_due_at_its_step(tmp_path, monkeypatch, caplog):
   # Full evaluations take 1000 s; the one-batch ones before checkpoints take no time to speak of.
   config = tiny_config(num_models=2, log_every_steps=4, eval_every_steps=4, checkpoint_every_steps=2)
@@ -377,6 +403,20 @@ def test_a_longer_run_moves_the_schedule_unless_it_is_constant(schedule, moves, 
   assert ('moves the learning-rate schedule' in caplog.text) == moves
 
 
+@pytest.mark.parametrize(
+  'change, described',
+  [
+    ({'warmup_epochs': 1.5}, r'config\.warmup_epochs=1\.5 \(that run: 1\.0\)'),  # Still warming up at step 70.
+    ({'schedule': 'cosine', 'warmup_epochs': 0.0}, r"config\.schedule='cosine' \(that run: 'warmup_cosine'\)"),
+  ],
+  ids=['warmup_epochs', 'schedule'],
+)
+def test_a_resume_with_another_warmup_or_schedule_is_said_to_move_the_schedule(change, described, caplog):
+  that_run = short_config(schedule='warmup_cosine', warmup_epochs=1.0)
+  train._warn_if_the_schedule_moves(short_config(**{**that_run, **change}), that_run, 62, 70)
+  assert re.search(rf'Resuming at step 70 with {described}.* moves the learning-rate schedule', caplog.text)
+
+
 def truncate_every_file(checkpoint):
   for root, _, files in os.walk(checkpoint):
     for name in files:
@@ -421,6 +461,7 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_used(
       (124, 'test'),
     ]
   assert [step for step, _ in tensorboard_scalars(workdir, 'train/loss')] == [20, 40, 60, 80, 100, 120, 124]
+  assert [step for step, _ in tensorboard_scalars(workdir, 'test/accuracy')] == [62, 124]
 
 
 def test_a_run_resumed_before_a_corrupt_checkpoint_records_its_config_and_checkpoints_again(tmp_path):
@@ -976,6 +1017,13 @@ def test_compute_metrics_counts_only_unmasked_examples():
   assert float(metrics['loss_sum']) == pytest.approx(expected_loss)
 
 
+def test_summarized_metrics_weigh_each_batch_by_its_examples():
+  # A full batch of one example and a padded one of three (as the last evaluation batch is): the mean over the four
+  # examples, not over the two batches (1.5 and 0.5).
+  batches = [{'loss_sum': 1.0, 'correct': 1, 'count': 1}, {'loss_sum': 6.0, 'correct': 0, 'count': 3}]
+  assert train.summarize_metrics(batches) == {'loss': 1.75, 'accuracy': 0.25}
+
+
 def test_an_eval_batch_larger_than_the_split_is_cut_to_the_split_and_num_batches_reads_only_those():
   config = short_config()
   data = input_pipeline.load_split(config, 'test')  # 1,000 digits.
@@ -1090,6 +1138,18 @@ def test_epoch_mode_trains_like_step_mode_to_float_rounding(short_run, tmp_path,
     [r['loss'] for r in rows], [r['loss'] for r in workdir_lib.read_metrics(workdir)], rtol=1e-5
   )
   assert epoch_metrics['test_accuracy'] == pytest.approx(metrics['test_accuracy'], abs=0.002)
+
+
+def test_the_epoch_modes_progress_line_shows_its_epochs_metrics(tmp_path, caplog):
+  config = tiny_config(train_mode='epoch', log_every_steps=1, eval_every_steps=0, checkpoint_every_steps=0)
+  with caplog.at_level('INFO'):
+    train.train_and_evaluate(config, str(tmp_path))
+  printed = re.findall(r'step (\d+)/16 epoch \d+  train loss ([\d.]+) accuracy ([\d.]+)', caplog.text)
+  rows = [r for r in workdir_lib.read_metrics(str(tmp_path)) if r['split'] == 'train']  # A row per step of 500.
+  assert [int(step) for step, _, _ in printed] == [8, 16]  # Once an epoch, over its 8 steps, not its last.
+  for (_, loss, accuracy), epoch_rows in zip(printed, (rows[:8], rows[8:]), strict=True):
+    assert float(loss) == pytest.approx(np.mean([r['loss'] for r in epoch_rows]), abs=6e-5)  # Printed to 4 places.
+    assert float(accuracy) == pytest.approx(np.mean([r['accuracy'] for r in epoch_rows]), abs=6e-5)
 
 
 def test_epoch_mode_resumes_exactly_from_an_epoch_boundary(tmp_path):
@@ -1394,6 +1454,7 @@ MISSING_CONFIG = f'there is no file configs/nope.py; see {REPO}/configs/.'
     # would call an unknown flag.
     (['-config', 'configs/nope.py:arg', '--config.num_epochs=1'], f'--config=configs/nope.py:arg: {MISSING_CONFIG}'),
     (['-config=configs/nope.py'], f'--config=configs/nope.py: {MISSING_CONFIG}'),
+    (['--config', 'configs/nope.py'], f'--config=configs/nope.py: {MISSING_CONFIG}'),
     (['--config=configs'], '--config=configs: there is no file configs;'),  # A directory.
     (['--config=model.py'], '--config=model.py: model.py has no get_config(); a config file returns its ConfigDict'),
     # ml_collections would run the first file's config, having loaded the second into its module.
@@ -1408,7 +1469,8 @@ MISSING_CONFIG = f'there is no file configs/nope.py; see {REPO}/configs/.'
     (['--multihost'], '--multihost could not join a cluster (coordinator_address should be defined.)'),
   ],
   ids=['process_flags_without_multihost', 'mistyped_config_field', 'missing_config_file', 'missing_config_file_spaced',
-       'missing_config_file_one_dash', 'config_directory', 'not_a_config_file', 'second_file_not_a_config',
+       'missing_config_file_one_dash', 'missing_config_file_two_dashes_spaced', 'config_directory',
+       'not_a_config_file', 'second_file_not_a_config',
        'two_configs_with_an_override', 'missing_config_file_in_flagfile',
        'config_after_dashes', 'multihost_alone'],
 )  # fmt: skip
@@ -1417,7 +1479,8 @@ def test_bad_flags_are_refused_by_name_before_any_work(tmp_path, flags, message)
   flagfile.write_text('--config=configs/nope.py\n')
   # Without the variables by which JAX would find a SLURM, Open MPI or Kubernetes cluster to join.
   environment = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_', 'KUBERNETES_'))}
-  config = [] if flags[0].startswith(('--config=', '-config', '--flagfile=')) else ['--config=configs/default.py']
+  gives_a_config = flags[0] == '--config' or flags[0].startswith(('--config=', '-config', '--flagfile='))
+  config = [] if gives_a_config else ['--config=configs/default.py']
   result = subprocess.run(
     [sys.executable, 'train.py', *config, f'--workdir={tmp_path / "run"}',
      *(flag.format(flagfile=flagfile) for flag in flags)],
