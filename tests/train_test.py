@@ -1268,6 +1268,22 @@ def test_sweep_model_k_starts_and_shuffles_as_the_single_run_with_seed_plus_k():
     np.testing.assert_array_equal(jax.random.key_data(sweep_keys[k]), jax.random.key_data(keys))
 
 
+def test_a_sweep_in_epoch_mode_trains_as_by_steps_and_resumes_exactly(tmp_path):
+  cadences = {'eval_every_steps': 0, 'checkpoint_every_steps': 0}  # Each epoch: 8 steps of 500.
+  config = tiny_config(num_models=2, learning_rates=(1e-3, 3e-3), train_mode='epoch', **cadences)
+  finished, metrics = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  by_steps, _ = train.train_and_evaluate(
+    tiny_config(num_models=2, learning_rates=(1e-3, 3e-3), **cadences), str(tmp_path / 'by_steps')
+  )
+  assert_trees_close(finished.params, by_steps.params, atol=1e-6)
+  interrupted = shutil.copytree(tmp_path / 'run', tmp_path / 'interrupted')
+  shutil.move(interrupted / 'checkpoints' / '16', tmp_path / 'set_aside')  # As if stopped after epoch 1.
+  resumed, resumed_metrics = train.train_and_evaluate(config, str(interrupted))
+  # Each model resumed with its own learning rate and data order: the second epoch retrained exactly.
+  assert_trees_bitwise_equal(resumed.params, finished.params)
+  np.testing.assert_array_equal(resumed_metrics['test_loss'], metrics['test_loss'])
+
+
 def test_sweep_gives_each_model_its_learning_rate(tmp_path):
   config = short_config(num_models=2, learning_rates=(1e-3, 1e30), schedule='warmup_cosine', warmup_epochs=0.5)
   with pytest.raises(train.NonFiniteLossError, match=r'loss of model 1 \(learning rate 1e\+30\) became'):
