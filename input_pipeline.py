@@ -238,7 +238,7 @@ def crop_and_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array, paddi
   padded = jnp.where(inside, jnp.pad(images, ((0, 0), *margins, (0, 0))), jnp.asarray(fill, images.dtype))
 
   def one(image, offset, flip):
-    crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+    crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], jnp.zeros_like(offset[0])), (h, w, c))
     return jnp.where(flip, crop[:, ::-1], crop)
 
   return jax.vmap(one)(padded, offsets, flips)
@@ -252,8 +252,10 @@ def augment(images: jax.Array, key: jax.Array, crop_padding: int, flip: bool, fi
   every test image (0, the training set's mean, would add a grey edge no test image has).
   """
   crop_key, flip_key = jax.random.split(key)
-  offsets = jax.random.randint(crop_key, (images.shape[0], 2), 0, 2 * crop_padding + 1)
-  flips = jax.random.bernoulli(flip_key, shape=(images.shape[0],)) & flip
+  # 32-bit draws, whatever the default dtypes: with jax_enable_x64 the defaults would draw other numbers from the
+  # same key, and the same seed would train another run.
+  offsets = jax.random.randint(crop_key, (images.shape[0], 2), 0, 2 * crop_padding + 1, dtype=jnp.int32)
+  flips = jax.random.bernoulli(flip_key, jnp.float32(0.5), shape=(images.shape[0],)) & flip
   return crop_and_flip(images, offsets, flips, crop_padding, fill)
 
 

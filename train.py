@@ -266,9 +266,10 @@ def compute_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array | None
   """Sums over the batch, [B, K] x [B] -> {'loss_sum', 'correct', 'count'}; `mask` drops padding examples."""
   mask = jnp.ones(labels.shape, bool) if mask is None else mask
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  predicted = jnp.argmax(logits, -1)  # int64 with jax_enable_x64, where strict promotion refuses int32 labels.
   return {
     'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
-    'correct': jnp.sum(mask & (jnp.argmax(logits, -1) == labels)),
+    'correct': jnp.sum(mask & (predicted == labels.astype(predicted.dtype))),
     'count': jnp.sum(mask),
   }
 

@@ -385,6 +385,22 @@ def test_augment_draws_crops_and_flips_from_split_keys():
   np.testing.assert_array_equal(input_pipeline.augment(images, key, p, True, 0), expected)
 
 
+def test_the_batch_order_and_augmentation_of_a_seed_do_not_depend_on_jax_enable_x64():
+  # With x64 JAX's default int and float are 64-bit, and random draws of those dtypes take other bits from the key:
+  # a run would train otherwise, and one resumed under the other setting would change course at its checkpoint.
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((64, 32, 32, 1)), jnp.float32)
+  key = jax.random.key(3)
+
+  def draw():
+    return input_pipeline.augment(images, key, 2, True, 0.0), input_pipeline.shuffled_batch_indices(key, 1000, 64)
+
+  default = draw()
+  with jax.enable_x64(True):
+    wide = draw()
+  for a, b in zip(default, wide, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize('batch_size', [0, 64.0])
 def test_bad_eval_batch_size(batch_size):
   data = {'image': np.ones((50, 32, 32, 1), np.float32), 'label': np.full(50, 7, np.int32)}

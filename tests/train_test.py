@@ -1017,6 +1017,14 @@ def test_compute_metrics_counts_only_unmasked_examples():
   assert float(metrics['loss_sum']) == pytest.approx(expected_loss)
 
 
+def test_metrics_compare_the_predicted_class_in_the_labels_dtype():
+  # argmax gives int64 with jax_enable_x64; strict promotion refuses to compare it with int32 labels.
+  logits, labels = np.array([[2.0, 0.0], [2.0, 0.0]], np.float32), np.array([0, 1], np.int32)
+  with jax.enable_x64(True), jax.numpy_dtype_promotion('strict'):
+    metrics = train.compute_metrics(logits, labels)
+  assert (int(metrics['correct']), int(metrics['count'])) == (1, 2)
+
+
 def test_summarized_metrics_weigh_each_batch_by_its_examples():
   # A full batch of one example and a padded one of three (as the last evaluation batch is): the mean over the four
   # examples, not over the two batches (1.5 and 0.5).
