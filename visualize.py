@@ -63,7 +63,7 @@ def _check_model_index(num_models: int, model_index: int) -> None:
 
 def read_metrics(workdir: str, model_index: int = 0) -> dict[str, dict[int, dict]]:
   """{split: {step: {'loss', 'accuracy'}}} of one model from workdir/metrics.jsonl (a sweep's rows carry a
-  "model"); a later row for a step supersedes an earlier one."""
+  "model"); a later row for a step would supersede an earlier one (train.py moves an earlier run's aside)."""
   metrics = {}
   for row in workdir_lib.read_metrics(workdir):
     if row.get('model', 0) == model_index:

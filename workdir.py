@@ -6,7 +6,8 @@
     workdir/events.out.*        the same scalars for TensorBoard (workdir/model_<k>/ per model of a sweep)
 
 Nothing a user wrote is overwritten or deleted: an unreadable checkpoint is moved to workdir/corrupt_checkpoints/,
-and the config of a run whose checkpoints are gone, once a run starts before it, to workdir/superseded_configs/.
+the config of a run whose checkpoints are gone, once a run starts before it, to workdir/superseded_configs/, and the
+metrics an earlier run logged after the step a run starts from to workdir/superseded_metrics.jsonl.
 """
 
 import itertools
