@@ -553,14 +553,14 @@ def _resume_or_start(
   return state
 
 
-def _warn_of_changes_to_a_finished_run(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
-  """Logs a warning if `config` differs from the config of the run that finished at `step` in `workdir`.
+def _warn_of_changes_to_a_finished_run(
+  config: ml_collections.ConfigDict, trained_by: ml_collections.ConfigDict, workdir: str, step: int
+) -> None:
+  """Logs a warning if `config` differs from `trained_by`, the config of the run that finished at `step`.
 
-  A finished run is only evaluated: its saved config stays the record of how its parameters were trained, and a
-  changed one is not saved, since it would claim a training that did not happen.
+  A finished run is only evaluated, and a changed config is not saved: it would claim a training that did not happen.
   """
-  previous = workdir_lib.load_config(workdir, step)
-  changed = _changed_settings(config, previous, sorted(previous.keys())) if previous is not None else []
+  changed = _changed_settings(config, trained_by, sorted(trained_by.keys()))
   if changed:
     logging.warning(
       'The run in %s finished at step %d, so it is only evaluated, and its saved config stays its record: %s '
@@ -638,10 +638,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
   state = _resume_or_start(config, workdir, manager, state, steps_per_epoch)
   start_step = int(np.max(state.step))
-  if start_step < total_steps:
+  trained_by = workdir_lib.load_config(workdir, start_step) if start_step == total_steps else None
+  if trained_by is None:
     workdir_lib.save_config(config, workdir, start_step)
-  else:
-    _warn_of_changes_to_a_finished_run(config, workdir, start_step)
+  else:  # A finished run, only evaluated: the config it was trained with stays its record.
+    workdir_lib.set_aside_configs_after(workdir, start_step)
+    _warn_of_changes_to_a_finished_run(config, trained_by, workdir, start_step)
   learning_rates = np.asarray(jax.device_get(state.opt_state.hyperparams['learning_rate'])).reshape(-1)
 
   functions = training_functions(config, num_train, batch_sharding)

@@ -3,6 +3,7 @@
     workdir/config.json         the first run's config (a run with another adds config_step<N>[_<i>].json)
     workdir/checkpoints/<step>  orbax checkpoints, the newest config.max_checkpoints_to_keep
     workdir/metrics.jsonl       {"step", "split", "loss", "accuracy"} per line (and "model" in a sweep)
+    workdir/superseded_metrics.jsonl  the lines an earlier run logged after the step a later run started from
     workdir/events.out.*        the same scalars for TensorBoard (workdir/model_<k>/ per model of a sweep)
 
 Nothing a user wrote is overwritten or deleted: an unreadable checkpoint is moved to workdir/corrupt_checkpoints/,
@@ -290,17 +291,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> N
   if jax.process_index() != 0:
     return
   text = config.to_json_best_effort(indent=2, sort_keys=True)
-  saved = saved_configs(workdir)
-  while saved and _saved_order(saved[-1])[0] > step:
-    superseded = saved.pop()
-    stem, suffix = os.path.splitext(os.path.basename(superseded))
-    destination = unused_path(os.path.join(workdir, 'superseded_configs', stem), suffix)
-    logging.warning(
-      'Moving %s to %s: its run started at step %d, after this run\'s start at step %d, and its checkpoints are gone.',
-      superseded, destination, _saved_order(superseded)[0], step,
-    )  # fmt: skip
-    os.makedirs(os.path.dirname(destination), exist_ok=True)
-    os.replace(superseded, destination)
+  saved = set_aside_configs_after(workdir, step)
   if saved:
     with open(saved[-1]) as f:
       if f.read() == text:
@@ -311,9 +302,35 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> N
     path = unused_path(os.path.join(workdir, f'config_step{step}'), '.json')
   if saved:
     logging.warning('The config differs from %s; saving this one as %s.', saved[-1], path)
-  with open(f'{path}.tmp', 'w') as f:
-    f.write(text)
-  os.replace(f'{path}.tmp', path)  # Whole or not at all: a run killed mid-write leaves no half-written config.
+  _write_atomically(path, text.encode())
+
+
+def set_aside_configs_after(workdir: str, step: int) -> list[str]:
+  """Moves the configs of runs that started after `step` to workdir/superseded_configs/ (in a multi-host run, only
+  process 0); returns the saved configs left (`saved_configs`).
+
+  A run starting at `step` means their checkpoints are gone (deleted, or set aside as corrupt): left in place, the
+  last of them would be taken for the config of the latest run.
+  """
+  saved = saved_configs(workdir)
+  while jax.process_index() == 0 and saved and _saved_order(saved[-1])[0] > step:
+    superseded = saved.pop()
+    stem, suffix = os.path.splitext(os.path.basename(superseded))
+    destination = unused_path(os.path.join(workdir, 'superseded_configs', stem), suffix)
+    logging.warning(
+      'Moving %s to %s: its run started at step %d, after this run\'s start at step %d, and its checkpoints are gone.',
+      superseded, destination, _saved_order(superseded)[0], step,
+    )  # fmt: skip
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    os.replace(superseded, destination)
+  return saved
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+  """Whole or not at all: a run killed mid-write leaves the file as it was, not half-written."""
+  with open(f'{path}.tmp', 'wb') as f:
+    f.write(data)
+  os.replace(f'{path}.tmp', path)
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -325,45 +342,49 @@ def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return rows
+  with open(path, 'rb') as f:
+    return [row for row in map(_row, f) if row is not None]
 
 
-def _step_of(line: str) -> int | None:
+def _row(line: bytes) -> dict | None:
+  """A metrics line's row, or None for a line that is none (a partial line, or bytes that are not UTF-8 text)."""
   try:
-    return json.loads(line)['step']
-  except (json.JSONDecodeError, KeyError, TypeError):
+    row = json.loads(line)
+  except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
     return None
+  return row if isinstance(row, dict) and type(row.get('step')) is int else None
 
 
 def _move_rows_after(step: int, path: str, superseded_path: str) -> None:
-  """Moves the lines of the JSON-lines file `path` whose row has a step after `step`, or that are no whole row, to
-  the end of `superseded_path`, keeping the others in `path` in their order."""
+  """Moves the lines of the JSON-lines file `path` whose row has a step after `step`, or that are no row, to the end
+  of `superseded_path`, keeping the others in `path` in their order, and ends `path` with a newline."""
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    lines = [line if line.endswith('\n') else line + '\n' for line in f]
+  with open(path, 'rb') as f:
+    lines = f.readlines()
+  if not lines:
+    return
   kept, moved = [], []
   for line in lines:
-    line_step = _step_of(line)
-    (kept if line_step is not None and line_step <= step else moved).append(line)
-  if not moved:
-    return
-  logging.warning(
-    'Moving %d line(s) of %s, logged by an earlier run after step %d, where this run starts, to %s.',
-    len(moved), path, step, superseded_path,
-  )  # fmt: skip
-  with open(superseded_path, 'a') as f:  # First, so that a run killed between the two writes loses no row.
-    f.writelines(moved)
-  with open(f'{path}.tmp', 'w') as f:
-    f.writelines(kept)
-  os.replace(f'{path}.tmp', path)
+    row = _row(line)
+    (kept if row is not None and row['step'] <= step else moved).append(line.rstrip(b'\n') + b'\n')
+  if moved:
+    unreadable = sum(_row(line) is None for line in moved)
+    logging.warning(
+      'Moving %d row(s) of %s that an earlier run logged after step %d, where this run starts, and %d line(s) that '
+      'hold no row, to %s.',
+      len(moved) - unreadable, path, step, unreadable, superseded_path,
+    )  # fmt: skip
+    # Appended first: a run killed before metrics.jsonl is rewritten loses no row (its rerun appends them again).
+    with open(superseded_path, 'ab+') as f:
+      end = f.seek(0, os.SEEK_END)
+      if end:
+        f.seek(end - 1)
+        if f.read(1) != b'\n':  # An append cut short: these start on a line of their own.
+          f.write(b'\n')
+      f.writelines(moved)
+  if moved or not lines[-1].endswith(b'\n'):  # A row ended without its newline would be joined to the next.
+    _write_atomically(path, b''.join(kept))
 
 
 class MetricWriter:
@@ -372,12 +393,12 @@ class MetricWriter:
   A sweep of K models writes one row per model, with a "model" field, and a TensorBoard run per model
   (workdir/model_<k>). In a multi-host run only process 0 writes. A run that starts from `start_step` (a checkpoint's)
   logs again the steps an earlier run logged after that checkpoint: TensorBoard then shows this run's, and hides the
-  earlier run's from start_step + 1 on. metrics.jsonl does the same: the earlier run's rows after start_step (and a
-  partial line, left by a run killed mid-write) are moved to superseded_metrics.jsonl, unchanged, before this run
-  writes.
+  earlier run's from start_step + 1 on. metrics.jsonl does the same: the earlier run's rows after start_step, and any
+  line that holds no row (a partial one, left by a run killed mid-write), are moved to superseded_metrics.jsonl as
+  they were (each ended with a newline) before this run writes.
   """
 
-  def __init__(self, workdir: str, num_models: int = 1, start_step: int = 0):
+  def __init__(self, workdir: str, num_models: int, start_step: int):
     self._writes = jax.process_index() == 0
     if not self._writes:
       return

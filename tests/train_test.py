@@ -122,6 +122,20 @@ def test_a_finished_run_given_changed_settings_is_only_evaluated_and_keeps_its_c
   assert again_metrics == metrics
 
 
+def test_a_finished_run_sets_aside_a_later_runs_config_and_records_one_where_none_was_saved(short_run, tmp_path):
+  workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
+  # A 3-epoch run from step 124 saved its config; its checkpoints were deleted.
+  workdir_lib.save_config(short_config(num_epochs=3), workdir, 124)
+  workdir_lib.save_config(short_config(num_epochs=3, learning_rate=0.01), workdir, 150)
+  train.train_and_evaluate(short_config(), workdir)
+  assert os.listdir(os.path.join(workdir, 'superseded_configs')) == ['config_step150.json']
+  assert workdir_lib.load_config(workdir).num_epochs == 3  # Its run started at 124, where this one is.
+  for name in workdir_lib.saved_configs(workdir):
+    os.remove(name)
+  train.train_and_evaluate(short_config(), workdir)  # Nothing records the run: this config is all there is.
+  assert [os.path.basename(name) for name in workdir_lib.saved_configs(workdir)] == ['config_step124.json']
+
+
 def test_metrics_jsonl_and_tensorboard_agree(short_run):
   workdir, _, metrics = short_run
   rows = workdir_lib.read_metrics(workdir)
@@ -1017,7 +1031,7 @@ def test_compute_metrics_counts_only_unmasked_examples():
   assert float(metrics['loss_sum']) == pytest.approx(expected_loss)
 
 
-def test_metrics_compare_the_predicted_class_in_the_labels_dtype():
+def test_metrics_compare_the_predicted_class_and_the_label_in_one_dtype():
   # argmax gives int64 with jax_enable_x64; strict promotion refuses to compare it with int32 labels.
   logits, labels = np.array([[2.0, 0.0], [2.0, 0.0]], np.float32), np.array([0, 1], np.int32)
   with jax.enable_x64(True), jax.numpy_dtype_promotion('strict'):

@@ -204,8 +204,13 @@ def test_a_colour_image_is_drawn_in_colour_and_each_conv1_filter_as_one_slice_pe
   np.testing.assert_allclose(
     input_axes.images[0].get_array(), (image - image.min()) / (image.max() - image.min()), rtol=1e-6
   )
-  filter_panels = [ax for ax in figures['01_conv1_filters.png'].axes if ax.images]
-  assert len(filter_panels) == 3 * 3  # 3 filters, each a 5x5x3 volume: one 5x5 slice per input channel.
+  # 3 filters, each a 5x5x3 volume: a row of one 5x5 slice per input channel.
+  kernel = visualize.load_params(config, str(tmp_path))[0]['conv1']['kernel']
+  panels = [ax.images[0].get_array() for ax in figures['01_conv1_filters.png'].axes if ax.images]
+  assert len(panels) == 3 * 3
+  for f in range(3):
+    for c in range(3):
+      np.testing.assert_array_equal(panels[3 * f + c], kernel[:, :, c, f])
 
 
 def test_flatten_bars_are_coloured_by_source_channel_and_rows_marked():
@@ -334,7 +339,7 @@ def test_later_metrics_lines_supersede_earlier_ones(tmp_path):
   rows = [
     {'step': 10, 'split': 'train', 'loss': 2.0, 'accuracy': 0.1},
     {'step': 20, 'split': 'test', 'loss': 1.0, 'accuracy': 0.5},
-    {'step': 10, 'split': 'train', 'loss': 1.5, 'accuracy': 0.2},  # A resumed run rewrote step 10.
+    {'step': 10, 'split': 'train', 'loss': 1.5, 'accuracy': 0.2},  # A resumed run's, before they were moved aside.
   ]
   path.write_text(''.join(json.dumps(row) + '\n' for row in rows) + '{"step": 30, "spl\n')
   metrics = visualize.read_metrics(str(tmp_path))

@@ -129,7 +129,7 @@ def test_load_config_is_the_latest_run_before_the_checkpoint(tmp_path):
 
 
 def test_a_sweep_writes_each_models_own_values(tmp_path, tensorboard_scalars):
-  writer = workdir.MetricWriter(str(tmp_path), num_models=2)
+  writer = workdir.MetricWriter(str(tmp_path), num_models=2, start_step=0)
   writer.write(5, 'test', {'loss': np.array([0.5, 1.5]), 'accuracy': np.array([0.875, 0.625])})
   writer.close()
   assert workdir.read_metrics(str(tmp_path)) == [
@@ -142,7 +142,7 @@ def test_a_sweep_writes_each_models_own_values(tmp_path, tensorboard_scalars):
 def test_synced_scalars_are_on_disk_while_the_writer_is_open_and_later_event_files_keep_them(
   tmp_path, tensorboard_scalars
 ):
-  writer = workdir.MetricWriter(str(tmp_path))
+  writer = workdir.MetricWriter(str(tmp_path), num_models=1, start_step=0)
   for step in (1, 2):  # Two syncs within a second: two event files, neither truncating the other.
     writer.write(step, 'train', {'loss': np.array(1 / step)})
     writer.sync()
@@ -155,11 +155,11 @@ def test_synced_scalars_are_on_disk_while_the_writer_is_open_and_later_event_fil
 def test_a_resumed_runs_steps_after_its_checkpoint_replace_the_earlier_runs_and_those_are_moved_aside(
   tmp_path, tensorboard_scalars
 ):
-  killed = workdir.MetricWriter(str(tmp_path))
+  killed = workdir.MetricWriter(str(tmp_path), num_models=1, start_step=0)
   for step in (10, 20, 30, 40):  # Steps 30 and 40 were logged, and the run killed before checkpoint 30 was saved.
     killed.write(step, 'train', {'loss': np.array(step / 64)})
   killed.close()
-  resumed = workdir.MetricWriter(str(tmp_path), start_step=20)
+  resumed = workdir.MetricWriter(str(tmp_path), num_models=1, start_step=20)
   resumed.write(30, 'train', {'loss': np.array(0.75)})  # Exact in float32, as are the others.
   resumed.close()
   # Step 40, which the resumed run has not logged (yet, or at all: it may log at other steps, or end before), is
@@ -173,7 +173,7 @@ def test_a_resumed_runs_steps_after_its_checkpoint_replace_the_earlier_runs_and_
 
 def test_metrics_append_to_an_empty_file(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text('')  # As a run stopped before its first row leaves it.
-  writer = workdir.MetricWriter(str(tmp_path))
+  writer = workdir.MetricWriter(str(tmp_path), num_models=1, start_step=0)
   writer.write(1, 'train', {'loss': 2.0})
   # On disk at once: a run killed later keeps it, since its rerun writes only the rows after its checkpoint.
   assert workdir.read_metrics(str(tmp_path)) == [{'step': 1, 'split': 'train', 'loss': 2.0}]
@@ -184,15 +184,50 @@ def test_a_partial_line_is_moved_aside_and_the_resumed_runs_rows_start_on_a_line
   # As after a run killed while writing its second row, resumed from its checkpoint at step 1.
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "split": "train", "loss": 2.3}\n{"step": 2, "spl')
   assert workdir.read_metrics(str(tmp_path)) == [{'step': 1, 'split': 'train', 'loss': 2.3}]  # Read without it.
-  writer = workdir.MetricWriter(str(tmp_path), start_step=1)
+  writer = workdir.MetricWriter(str(tmp_path), num_models=1, start_step=1)
   writer.write(2, 'train', {'loss': 1.5})
   writer.close()
   assert (tmp_path / 'metrics.jsonl').read_text().splitlines() == [
     '{"step": 1, "split": "train", "loss": 2.3}',
     '{"step": 2, "split": "train", "loss": 1.5}',
   ]
-  assert (tmp_path / 'superseded_metrics.jsonl').read_text() == '{"step": 2, "spl\n'  # Kept as it was.
+  assert (tmp_path / 'superseded_metrics.jsonl').read_text() == '{"step": 2, "spl\n'  # As it was, ended.
   assert workdir.read_metrics(str(tmp_path / 'elsewhere')) == []
+
+
+ROW = '{{"step": {}, "split": "train", "loss": 0.5}}'
+
+
+@pytest.mark.parametrize(
+  'metrics, superseded, kept, moved',
+  [
+    # A whole last row that lost its newline: the next row must not be joined to it.
+    ([ROW.format(1), ROW.format(2)], None, [1, 2], []),
+    # Lines that hold no row, anywhere (bytes that are not UTF-8, a step that is no int), are moved with the rows
+    # after the start, and an append to the superseded lines that was cut short is ended first.
+    (
+      [ROW.format(1), '\xff\xfe', ROW.format('"2"'), ROW.format(2), ROW.format(3) + '\n'],
+      ROW.format(9)[:10],
+      [1, 2],
+      [ROW.format(9)[:10], '\xff\xfe', ROW.format('"2"'), ROW.format(3)],
+    ),
+  ],
+  ids=['no_final_newline', 'lines_without_rows'],
+)
+def test_the_rows_after_a_runs_start_are_moved_whatever_the_files_hold(tmp_path, metrics, superseded, kept, moved):
+  (tmp_path / 'metrics.jsonl').write_bytes('\n'.join(metrics).encode('latin-1'))
+  if superseded is not None:
+    (tmp_path / 'superseded_metrics.jsonl').write_bytes(superseded.encode())
+  writer = workdir.MetricWriter(str(tmp_path), num_models=1, start_step=2)
+  writer.write(3, 'train', {'loss': np.array(0.25)})
+  writer.close()
+  assert [(row['step'], row['loss']) for row in workdir.read_metrics(str(tmp_path))] == [
+    *[(step, 0.5) for step in kept],
+    (3, 0.25),
+  ]
+  superseded_path = tmp_path / 'superseded_metrics.jsonl'
+  lines = superseded_path.read_bytes().decode('latin-1').splitlines() if superseded_path.exists() else []
+  assert lines == moved
 
 
 @pytest.mark.parametrize(
