@@ -364,12 +364,12 @@ def _move_rows_after(step: int, path: str, superseded_path: str) -> None:
     lines = f.readlines()
   if not lines:
     return
-  kept, moved = [], []
+  kept, moved, unreadable = [], [], 0
   for line in lines:
     row = _row(line)
+    unreadable += row is None
     (kept if row is not None and row['step'] <= step else moved).append(line.rstrip(b'\n') + b'\n')
   if moved:
-    unreadable = sum(_row(line) is None for line in moved)
     logging.warning(
       'Moving %d row(s) of %s that an earlier run logged after step %d, where this run starts, and %d line(s) that '
       'hold no row, to %s.',
