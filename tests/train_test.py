@@ -122,12 +122,16 @@ def test_a_finished_run_given_changed_settings_is_only_evaluated_and_keeps_its_c
   assert again_metrics == metrics
 
 
-def test_a_finished_run_sets_aside_a_later_runs_config_and_records_one_where_none_was_saved(short_run, tmp_path):
+def test_a_finished_run_sets_aside_a_later_runs_config_and_records_one_where_none_was_saved(
+  short_run, tmp_path, caplog
+):
   workdir = shutil.copytree(short_run[0], str(tmp_path / 'run'))
   # A 3-epoch run from step 124 saved its config; its checkpoints were deleted.
   workdir_lib.save_config(short_config(num_epochs=3), workdir, 124)
   workdir_lib.save_config(short_config(num_epochs=3, learning_rate=0.01), workdir, 150)
-  train.train_and_evaluate(short_config(), workdir)
+  with caplog.at_level('WARNING'):
+    train.train_and_evaluate(short_config(), workdir)
+  assert 'finished at step' not in caplog.text  # Compared with the config that trained it, not a later one.
   assert os.listdir(os.path.join(workdir, 'superseded_configs')) == ['config_step150.json']
   assert workdir_lib.load_config(workdir).num_epochs == 3  # Its run started at 124, where this one is.
   for name in workdir_lib.saved_configs(workdir):

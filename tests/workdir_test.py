@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import types
 
 import jax
@@ -199,26 +200,31 @@ ROW = '{{"step": {}, "split": "train", "loss": 0.5}}'
 
 
 @pytest.mark.parametrize(
-  'metrics, superseded, kept, moved',
+  'metrics, superseded, kept, moved, warning',
   [
     # A whole last row that lost its newline: the next row must not be joined to it.
-    ([ROW.format(1), ROW.format(2)], None, [1, 2], []),
+    ([ROW.format(1), ROW.format(2)], None, [1, 2], [], None),
     # Lines that hold no row, anywhere (bytes that are not UTF-8, a step that is no int), are moved with the rows
     # after the start, and an append to the superseded lines that was cut short is ended first.
     (
-      [ROW.format(1), '\xff\xfe', ROW.format('"2"'), ROW.format(2), ROW.format(3) + '\n'],
+      [ROW.format(1), '\xff\xfe', ROW.format('"2"'), ROW.format('true'), ROW.format(2), ROW.format(3) + '\n'],
       ROW.format(9)[:10],
       [1, 2],
-      [ROW.format(9)[:10], '\xff\xfe', ROW.format('"2"'), ROW.format(3)],
+      [ROW.format(9)[:10], '\xff\xfe', ROW.format('"2"'), ROW.format('true'), ROW.format(3)],
+      r'Moving 1 row\(s\) of .* after step 2, where this run starts, and 3 line\(s\) that hold no row, to',
     ),
   ],
   ids=['no_final_newline', 'lines_without_rows'],
 )
-def test_the_rows_after_a_runs_start_are_moved_whatever_the_files_hold(tmp_path, metrics, superseded, kept, moved):
+def test_the_rows_after_a_runs_start_are_moved_whatever_the_files_hold(
+  tmp_path, caplog, metrics, superseded, kept, moved, warning
+):
   (tmp_path / 'metrics.jsonl').write_bytes('\n'.join(metrics).encode('latin-1'))
   if superseded is not None:
     (tmp_path / 'superseded_metrics.jsonl').write_bytes(superseded.encode())
-  writer = workdir.MetricWriter(str(tmp_path), num_models=1, start_step=2)
+  with caplog.at_level('WARNING'):
+    writer = workdir.MetricWriter(str(tmp_path), num_models=1, start_step=2)
+  assert re.search(warning, caplog.text) if warning else not caplog.text
   writer.write(3, 'train', {'loss': np.array(0.25)})
   writer.close()
   assert [(row['step'], row['loss']) for row in workdir.read_metrics(str(tmp_path))] == [
@@ -228,6 +234,30 @@ def test_the_rows_after_a_runs_start_are_moved_whatever_the_files_hold(tmp_path,
   superseded_path = tmp_path / 'superseded_metrics.jsonl'
   lines = superseded_path.read_bytes().decode('latin-1').splitlines() if superseded_path.exists() else []
   assert lines == moved
+
+
+def test_a_move_stopped_before_metrics_jsonl_is_rewritten_has_already_kept_the_moved_rows(tmp_path, monkeypatch):
+  (tmp_path / 'metrics.jsonl').write_text(f'{ROW.format(1)}\n{ROW.format(3)}\n')
+
+  def killed(path, data):
+    raise SystemExit(137)
+
+  monkeypatch.setattr(workdir, '_write_atomically', killed)
+  with pytest.raises(SystemExit):
+    workdir.MetricWriter(str(tmp_path), num_models=1, start_step=2)
+  assert (tmp_path / 'metrics.jsonl').read_text() == f'{ROW.format(1)}\n{ROW.format(3)}\n'  # As it was.
+  assert (tmp_path / 'superseded_metrics.jsonl').read_text() == f'{ROW.format(3)}\n'  # Already there.
+
+
+def test_only_process_0_sets_configs_aside(tmp_path, monkeypatch):
+  workdir.save_config(default.get_config(), str(tmp_path), 0)
+  changed = default.get_config()
+  changed.learning_rate = 0.1
+  workdir.save_config(changed, str(tmp_path), 8)
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)  # Another host of a multi-host run sees the same files.
+  kept = workdir.set_aside_configs_after(str(tmp_path), 0)
+  assert [os.path.basename(path) for path in kept] == ['config.json', 'config_step8.json']
+  assert not (tmp_path / 'superseded_configs').exists()
 
 
 @pytest.mark.parametrize(
