@@ -532,9 +532,9 @@ def _resume_or_start(
   manager,
   initial_state: train_state.TrainState,
   steps_per_epoch: int,
-) -> train_state.TrainState:
-  """The latest readable checkpoint's state in `workdir`, or `initial_state`; `_check_latest_checkpoint` has checked
-  that the latest can be resumed.
+) -> tuple[train_state.TrainState, ml_collections.ConfigDict | None]:
+  """(The latest readable checkpoint's state in `workdir`, the saved config of the run that made it), or
+  (`initial_state`, None); `_check_latest_checkpoint` has checked that the latest can be resumed.
 
   The restored state takes its static fields (apply_fn, and tx with the schedule) and its peak learning rate from
   `initial_state`: the peak is a hyperparameter in the optimiser state, so that a resumed run can lower it
@@ -545,12 +545,13 @@ def _resume_or_start(
   target = _restore_target(initial_state, NamedSharding(device_mesh(), PartitionSpec()))
   restored = workdir_lib.restore_checkpoint(manager, target, workdir, set_aside_corrupt=True)
   if restored is None:  # No checkpoint, or every one was corrupt and set aside.
-    return initial_state
+    return initial_state, None
   state = restored.replace(opt_state=restored.opt_state._replace(hyperparams=initial_state.opt_state.hyperparams))
   step = int(np.max(state.step))
   logging.info('Resumed from the checkpoint at step %d.', step)
-  _warn_if_the_schedule_moves(config, workdir_lib.load_config(workdir, step), steps_per_epoch, step)
-  return state
+  trained_by = workdir_lib.load_config(workdir, step)
+  _warn_if_the_schedule_moves(config, trained_by, steps_per_epoch, step)
+  return state, trained_by
 
 
 def _warn_of_changes_to_a_finished_run(
@@ -636,10 +637,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
   sweep = config.num_models > 1
   state = place_replicated(create_initial_state(config, steps_per_epoch), mesh)
   manager = workdir_lib.checkpoint_manager(workdir, config.max_checkpoints_to_keep)
-  state = _resume_or_start(config, workdir, manager, state, steps_per_epoch)
+  state, trained_by = _resume_or_start(config, workdir, manager, state, steps_per_epoch)
   start_step = int(np.max(state.step))
-  trained_by = workdir_lib.load_config(workdir, start_step) if start_step == total_steps else None
-  if trained_by is None:
+  if start_step < total_steps or trained_by is None:
     workdir_lib.save_config(config, workdir, start_step)
   else:  # A finished run, only evaluated: the config it was trained with stays its record.
     workdir_lib.set_aside_configs_after(workdir, start_step)
